@@ -1,0 +1,249 @@
+"""Mixture-of-Experts modules.
+
+* :class:`MoELayer` - a drop-in feed-forward block for ``(..., d_model)`` tensors with E experts in an
+  :class:`~tutorial_moe.experts.ExpertBank`, a router, a dispatch mode and auxiliary losses.
+* :class:`MoE` - "whole network" experts (seeds 000 and 004): any list of modules with the same
+  output shape, a router that reads the same input, outputs combined by the routing weights.
+* :class:`SoftMoELayer` - Soft MoE (Puigcerver et al., arXiv 2308.00951): experts process learned
+  soft mixtures of tokens ("slots"), so nothing is dropped and everything is differentiable.
+
+After a forward each module keeps ``last_routing`` (a :class:`Routing`), ``aux_losses`` (a dict
+of weighted auxiliary losses, for logging) and ``aux_loss`` (their sum, to add to the task loss).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._validate import check_choice, check_finite, check_int, check_positive_float
+from .dispatch import DISPATCH_MODES, dispatch as run_dispatch
+from .experts import ACTIVATIONS, ExpertBank
+from .losses import check_loss_weights, compute_aux_losses
+from .routing import ExpertChoiceRouter, Routing, TopKRouter
+
+__all__ = ["MoELayer", "MoE", "SoftMoELayer", "moe_modules", "total_aux_loss"]
+
+_EXPERT_KINDS = ("mlp", "swiglu")
+_DEFAULT_LOSSES = {"switch": 0.01}
+
+
+class _AuxMixin:
+    def _set_aux(self, routing: Routing, expert_outputs=None):
+        self.last_routing = routing
+        self.aux_losses = compute_aux_losses(routing, self.losses, expert_outputs)
+        if self.aux_losses:
+            self.aux_loss = torch.stack(list(self.aux_losses.values())).sum()
+        else:
+            self.aux_loss = routing.probs.new_zeros(())
+
+
+class MoELayer(_AuxMixin, nn.Module):
+    """A sparse feed-forward block: ``(..., d_model) -> (..., d_model)``.
+
+    Args:
+        d_model, d_hidden: token width and each expert's hidden width.
+        num_experts: E.  k: experts per token (1 <= k <= E).
+        expert: "mlp" (Linear, GELU, Linear) or "swiglu" (the gated form).
+        dispatch: "dense" (oracle), "loop", "sorted", "grouped" or "auto" (fastest valid here).
+        capacity_factor: None (no dropping) or > 0 (capacity ceil(cf * T * k / E) per expert).
+        router: a router module to use instead of the default ``TopKRouter`` (its ``num_experts``
+            must equal E; its own k/capacity then apply).
+        noisy, temperature: passed to the default ``TopKRouter``.
+        losses: ``{name: weight}`` auxiliary losses (see ``tutorial_moe.losses.LOSSES``);
+            default ``{"switch": 0.01}``.
+
+    Tokens dropped by capacity get a zero output from this block; wrap it in a residual
+    connection (as transformers do) so they pass through unchanged.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int, expert: str = "mlp",
+                 dispatch: str = "auto", capacity_factor: float | None = None, router: nn.Module | None = None,
+                 noisy: bool = False, temperature: float = 1.0, losses: dict | None = None):
+        super().__init__()
+        where = "MoELayer"
+        self.d_model = check_int("d_model", d_model, low=1, where=where)
+        self.d_hidden = check_int("d_hidden", d_hidden, low=1, where=where)
+        self.num_experts = check_int("num_experts", num_experts, low=1, where=where)
+        check_int("k", k, low=1, high=num_experts, where=where)
+        check_choice("expert", expert, _EXPERT_KINDS, where=where)
+        self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES, where=where)
+        self.losses = check_loss_weights(_DEFAULT_LOSSES if losses is None else losses, where)
+        if router is None:
+            router = TopKRouter(d_model, num_experts, k, noisy=noisy, temperature=temperature,
+                                capacity_factor=capacity_factor)
+        else:
+            if not isinstance(router, nn.Module):
+                raise TypeError(f"{where}: router must be an nn.Module returning Routing, got {type(router).__name__}")
+            if getattr(router, "num_experts", num_experts) != num_experts:
+                raise ValueError(f"{where}: router.num_experts={router.num_experts} != num_experts={num_experts}")
+            if capacity_factor is not None:
+                raise ValueError(f"{where}: capacity_factor={capacity_factor} with a custom router; set capacity on the router")
+        self.router = router
+        self.experts = ExpertBank(num_experts, d_model, d_hidden, kind=expert)
+        self.last_routing: Routing | None = None
+        self.aux_losses: dict = {}
+        self.aux_loss = torch.zeros(())
+
+    @property
+    def k(self) -> int:
+        return getattr(self.router, "k", None)
+
+    def extra_repr(self):
+        return f"dispatch={self.dispatch!r}, losses={self.losses}"
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoELayer: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer: x must have shape (..., {self.d_model}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.d_model)
+        flat_ids = None if ids is None else torch.as_tensor(ids, device=x.device).reshape(-1)
+        routing = self.router(flat, flat_ids)
+        out = run_dispatch(self.dispatch, self.experts, flat, routing)
+        y_all = self.experts.forward_all(flat) if self.losses.get("diversity", 0) > 0 else None
+        self._set_aux(routing, y_all)
+        return out.reshape(*lead, self.d_model)
+
+
+class MoE(_AuxMixin, nn.Module):
+    """Whole-network experts combined by a router: ``out = combine_e(weights[:, e], expert_e(x))``.
+
+    Args:
+        experts: a list of modules; each maps the input (N, ...) to (N, C).
+        router: a router module reading the same input (see ``tutorial_moe.routing``).
+        dispatch: "dense" runs every expert on every sample (the oracle, and what training with
+            all experts costs); "loop" runs each expert only on its routed samples (what a
+            sparse model costs at inference); "auto" is "loop".
+        combine: "logits" - weighted sum of the experts' outputs (seed 004: softmax of the sum);
+            "probs" - mixture of the experts' softmax distributions (seed 000: "sum the weighted
+            probabilities"), returned as log-probabilities, so ``F.cross_entropy`` on the output
+            is exactly the negative log-likelihood of the mixture.
+        losses: ``{name: weight}`` auxiliary losses, default none.
+    """
+
+    def __init__(self, experts, router: nn.Module, dispatch: str = "dense", combine: str = "logits",
+                 losses: dict | None = None):
+        super().__init__()
+        where = "MoE"
+        experts = list(experts)
+        if not experts or not all(isinstance(e, nn.Module) for e in experts):
+            raise TypeError(f"{where}: experts must be a non-empty list of nn.Module, got {experts!r:.80}")
+        if not isinstance(router, nn.Module):
+            raise TypeError(f"{where}: router must be an nn.Module, got {type(router).__name__}")
+        if getattr(router, "num_experts", len(experts)) != len(experts):
+            raise ValueError(f"{where}: router.num_experts={router.num_experts} but {len(experts)} experts were given")
+        self.experts = nn.ModuleList(experts)
+        self.router = router
+        self.dispatch = check_choice("dispatch", dispatch, ("dense", "loop", "auto"), where=where)
+        self.combine = check_choice("combine", combine, ("logits", "probs"), where=where)
+        self.losses = check_loss_weights(losses, where)
+        self.last_routing = None
+        self.aux_losses = {}
+        self.aux_loss = torch.zeros(())
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every sample: (E, N, C) raw outputs (e.g. to score each expert alone)."""
+        return torch.stack([e(x) for e in self.experts])
+
+    def _mix(self, weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # weights (n,) or (n, 1)-broadcastable, y (n, C)
+        if self.combine == "probs":
+            return weights.unsqueeze(-1) * y.softmax(-1)
+        return weights.unsqueeze(-1) * y
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
+        check_finite(x, where="MoE")
+        routing = self.router(x, ids)
+        W = routing.weights
+        ys = None
+        if self.dispatch == "dense" or self.losses.get("diversity", 0) > 0:
+            ys = self.expert_outputs(x)  # (E, N, C)
+        if self.dispatch == "dense":
+            out = sum(self._mix(W[:, e], ys[e]) for e in range(self.num_experts))
+        else:
+            out = None
+            for e, expert in enumerate(self.experts):
+                idx = routing.mask[:, e].nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                part = self._mix(W.index_select(0, idx)[:, e], expert(x.index_select(0, idx)))
+                if out is None:
+                    out = part.new_zeros((x.shape[0],) + part.shape[1:])
+                out = out.index_add(0, idx, part)
+            if out is None:  # every sample dropped: zeros of the experts' output shape
+                probe = self.experts[0](x[:1])
+                out = probe.new_zeros((x.shape[0],) + probe.shape[1:])
+        if self.combine == "probs":
+            out = out.clamp_min(1e-12).log()
+        self._set_aux(routing, ys)
+        return out
+
+
+class SoftMoELayer(_AuxMixin, nn.Module):
+    """Soft MoE (arXiv 2308.00951) with ``slots_per_expert`` slots per expert.
+
+    For a group of n tokens X (n, d) and slot parameters Phi (d, E*S):
+    dispatch D = softmax over tokens of X Phi, slots = D^T X; each expert processes its S slots;
+    combine C = softmax over slots of X Phi, output = C @ expert outputs. Input ``(..., n, d)``:
+    the next-to-last dim is the group (a sequence); a 2-D input is one group of all its rows, so a
+    sample's output then depends on the rest of the batch. ``last_routing.probs`` holds each
+    token's combine weight summed per expert (its share of each expert).
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, slots_per_expert: int = 1, expert: str = "mlp",
+                 losses: dict | None = None):
+        super().__init__()
+        where = "SoftMoELayer"
+        self.d_model = check_int("d_model", d_model, low=1, where=where)
+        self.num_experts = check_int("num_experts", num_experts, low=1, where=where)
+        self.slots = check_int("slots_per_expert", slots_per_expert, low=1, where=where)
+        check_choice("expert", expert, _EXPERT_KINDS, where=where)
+        self.phi = nn.Parameter(torch.randn(d_model, num_experts * slots_per_expert) * d_model**-0.5)
+        self.experts = ExpertBank(num_experts, d_model, d_hidden, kind=expert)
+        self.losses = check_loss_weights(losses, where)
+        self.last_routing = None
+        self.aux_losses = {}
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor, ids=None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"SoftMoELayer: x must have shape (..., n, {self.d_model}), got {tuple(getattr(x, 'shape', ()))}")
+        check_finite(x, where="SoftMoELayer")
+        squeeze = x.dim() == 2
+        X = x.unsqueeze(0) if squeeze else x.reshape(-1, *x.shape[-2:])  # (B, n, d)
+        B, n, d = X.shape
+        E, S = self.num_experts, self.slots
+        scores = X @ self.phi  # (B, n, E*S)
+        D = scores.softmax(dim=1)  # over tokens
+        C = scores.softmax(dim=2)  # over slots
+        slots = torch.einsum("bns,bnd->bsd", D, X).reshape(B, E, S, d)
+        y_slots = torch.stack([
+            self.experts.apply_expert(p, slots[:, e].reshape(B * S, d)).reshape(B, S, d)
+            for e, p in enumerate(self.experts.expert_params())
+        ], dim=1).reshape(B, E * S, d)
+        out = torch.einsum("bns,bsd->bnd", C, y_slots)
+        share = C.reshape(B * n, E, S).sum(-1)  # (T, E)
+        T = B * n
+        routing = Routing(share.clamp_min(1e-30).log(), share, share, torch.ones(T, E, dtype=torch.bool, device=x.device),
+                          torch.zeros(T, dtype=torch.bool, device=x.device))
+        self._set_aux(routing)
+        return out.squeeze(0) if squeeze else out.reshape(x.shape)
+
+
+def moe_modules(model: nn.Module) -> list[nn.Module]:
+    """Every MoE module inside ``model`` (anything with ``last_routing`` and ``aux_loss``), in order."""
+    return [m for m in model.modules() if hasattr(m, "last_routing") and hasattr(m, "aux_loss")]
+
+
+def total_aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """Sum of the auxiliary losses of every MoE module in ``model`` from its last forward."""
+    parts = [m.aux_loss for m in moe_modules(model) if isinstance(m.aux_loss, torch.Tensor)]
+    return torch.stack(parts).sum() if parts else 0.0
