@@ -11,7 +11,14 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["results_dir", "save_results", "load_results", "load_all_results", "Timer"]
+__all__ = ["results_dir", "start_chapter", "save_results", "load_results", "load_all_results", "Timer"]
+
+_started: dict[str, float] = {}
+
+
+def start_chapter(chapter: str) -> None:
+    """Start the chapter's clock; ``save_results`` then records ``runtime_s`` (the chapter's run time)."""
+    _started[chapter] = time.perf_counter()
 
 
 def results_dir() -> Path:
@@ -47,6 +54,9 @@ def save_results(chapter: str, results: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{chapter}.json"
     payload = {"chapter": chapter, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": _plain(results)}
+    if chapter in _started:
+        payload["runtime_s"] = round(time.perf_counter() - _started[chapter], 2)
+    payload["full_mode"] = os.environ.get("TUTORIAL_MOE_FULL", "0") == "1"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
@@ -60,11 +70,12 @@ def load_results(chapter: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))["results"]
 
 
-def load_all_results() -> dict[str, dict]:
-    """Every chapter's saved results, keyed by chapter stem."""
+def load_all_results(with_meta: bool = False) -> dict[str, dict]:
+    """Every chapter's saved results, keyed by chapter stem (the whole payload if ``with_meta``)."""
     out = {}
     for path in sorted(results_dir().glob("*.json")):
-        out[path.stem] = json.loads(path.read_text(encoding="utf-8"))["results"]
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        out[path.stem] = payload if with_meta else payload["results"]
     return out
 
 
