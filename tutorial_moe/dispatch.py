@@ -8,8 +8,9 @@ with ``dense`` within float rounding, in outputs and gradients (tests/test_dispa
 * ``loop``   - for each expert, gather its tokens, run it, scatter-add back.
 * ``sorted`` - sort the (token, expert) pairs by expert once, run each expert on its contiguous
   slice, one scatter-add at the end.
-* ``grouped`` - like ``sorted`` but one grouped matmul per layer (``torch._grouped_mm``) instead of
+* ``grouped`` - like ``sorted`` but one grouped matmul per weight (``torch._grouped_mm``) instead of
   E small ones, where this torch build supports it.
+* ``auto``   - ``sorted`` on CPU, ``grouped`` on CUDA when available (see :func:`choose_dispatch`).
 """
 from __future__ import annotations
 
@@ -117,11 +118,57 @@ class _SortedMLP(torch.autograd.Function):
         return gx, None, gw1, gb1, gw2, gb2
 
 
+class _SortedSwiGLU(torch.autograd.Function):
+    """The SwiGLU bank over expert-sorted tokens as one autograd node (see :class:`_SortedMLP`)."""
+
+    @staticmethod
+    def forward(ctx, xs, counts, wg, wu, wd):
+        n, h, d = xs.shape[0], wg.shape[2], wd.shape[2]
+        g, u, a = xs.new_empty(n, h), xs.new_empty(n, h), xs.new_empty(n, h)
+        y = xs.new_empty(n, d)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                sl = slice(start, start + c)
+                torch.mm(xs[sl], wg[e], out=g[sl])
+                torch.mm(xs[sl], wu[e], out=u[sl])
+                torch.mul(torch.nn.functional.silu(g[sl]), u[sl], out=a[sl])
+                torch.mm(a[sl], wd[e], out=y[sl])
+                start += c
+        ctx.counts = counts
+        ctx.save_for_backward(xs, g, u, a, wg, wu, wd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xs, g, u, a, wg, wu, wd = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = torch.empty_like(xs)
+        gwg, gwu, gwd = torch.zeros_like(wg), torch.zeros_like(wu), torch.zeros_like(wd)
+        start = 0
+        for e, c in enumerate(ctx.counts):
+            if c:
+                sl = slice(start, start + c)
+                gye = gy[sl]
+                torch.mm(a[sl].t(), gye, out=gwd[e])
+                ga = gye @ wd[e].t()
+                gu = ga * torch.nn.functional.silu(g[sl])
+                gg = torch.ops.aten.silu_backward(ga * u[sl], g[sl])
+                torch.mm(xs[sl].t(), gg, out=gwg[e])
+                torch.mm(xs[sl].t(), gu, out=gwu[e])
+                torch.mm(gg, wg[e].t(), out=gx[sl])
+                gx[sl].addmm_(gu, wu[e].t())
+                start += c
+        return gx, None, gwg, gwu, gwd
+
+
 def dispatch_sorted(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch.Tensor:
     t_idx, _, w, counts = _sorted_pairs(routing)
     xs = x.index_select(0, t_idx)  # index_select is several times faster than x[t_idx]
     if bank.kind == "mlp" and bank.activation == "gelu":
         y = _SortedMLP.apply(xs, tuple(counts.tolist()), bank.w1, bank.b1, bank.w2, bank.b2)
+    elif bank.kind == "swiglu":
+        y = _SortedSwiGLU.apply(xs, tuple(counts.tolist()), bank.w_gate, bank.w_up, bank.w_down)
     else:
         pieces = [bank.apply_expert(p, chunk) for p, chunk in zip(bank.expert_params(), xs.split(counts.tolist()))
                   if chunk.shape[0]]
@@ -189,8 +236,13 @@ def grouped_shapes_ok(bank: ExpertBank, dtype: torch.dtype) -> bool:
 
 
 def choose_dispatch(bank: ExpertBank, x: torch.Tensor) -> str:
-    """The mode ``auto`` uses: grouped matmul where it runs, else sorted slices."""
-    if grouped_mm_available(x.device.type, x.dtype) and grouped_shapes_ok(bank, x.dtype):
+    """The mode ``auto`` uses for this bank, device and dtype.
+
+    On CPU the fused ``sorted`` path measured fastest at every shape in benchmarks/bench_dispatch.py
+    (CPU ``_grouped_mm`` runs, but slower). On CUDA one grouped matmul per weight beats E small
+    kernel launches, so ``grouped`` is used where this torch build supports it.
+    """
+    if x.device.type == "cuda" and grouped_mm_available("cuda", x.dtype):
         return "grouped"
     return "sorted"
 
