@@ -216,12 +216,17 @@ def check_dom(docname: str, dom: Node, page_url: str, base: str) -> list[str]:
                 problems.append(f"missing image: {src}")
 
     # Internal links and their anchors.
+    page_ids = {n.attrs["id"] for n in dom.iter() if n.attrs.get("id")}
     for node in dom.find_all("a"):
         href = node.attrs.get("href", "")
         if not href or href.startswith(("mailto:", "javascript:", "tel:")):
             continue
         target = urlparse(urljoin(page_url, href))
         if target.netloc != urlparse(base).netloc:
+            continue
+        if target.path == urlparse(page_url).path:  # an anchor on this page
+            if target.fragment and unquote(target.fragment) not in page_ids:
+                problems.append(f"broken anchor: {href}")
             continue
         path = SITE / unquote(target.path).lstrip("/")
         if path.is_dir():
