@@ -242,7 +242,7 @@ def choose_dispatch(bank: ExpertBank, x: torch.Tensor) -> str:
     (CPU ``_grouped_mm`` runs, but slower). On CUDA one grouped matmul per weight beats E small
     kernel launches, so ``grouped`` is used where this torch build supports it.
     """
-    if x.device.type == "cuda" and grouped_mm_available("cuda", x.dtype):
+    if x.device.type == "cuda" and grouped_mm_available("cuda", x.dtype) and grouped_shapes_ok(bank, x.dtype):
         return "grouped"
     return "sorted"
 

@@ -50,7 +50,11 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """H(p) = -sum p ln p along ``dim``, with 0 ln 0 = 0 (and a finite gradient there)."""
-    return -torch.xlogy(p, p).sum(dim)
+    # torch.xlogy has the right value at 0 but a NaN gradient (0/0); a saturated softmax gives
+    # exact zeros, so route those entries through a constant instead (their gradient is 0).
+    positive = p > 0
+    safe = torch.where(positive, p, torch.ones_like(p))
+    return -torch.where(positive, p * safe.log(), torch.zeros_like(p)).sum(dim)
 
 
 def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,8 @@ def fit(
     if early_stopping is not None:
         check_int("early_stopping", early_stopping, low=1, where=where)
         if test is None:
-            raise ValueError("fit: early_stopping needs test data to watch; pass test=(x, y)")
+            raise ValueError(f"fit: early_stopping={early_stopping} needs test data to watch, but test=None; "
+                             "pass test=(x, y)")
     if max_steps is not None:
         check_int("max_steps", max_steps, low=1, where=where)
 
@@ -223,9 +224,9 @@ def fit(
                 f"{name}[{i}]": v for i, m in enumerate(mods) for name, v in m.aux_losses.items()}
             loss = task + (torch.stack([m.aux_loss for m in mods]).sum() if mods else 0.0)
             if not torch.isfinite(loss):
-                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in {"task": task, **aux}.items())
+                parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in {"task": task, **aux}.items())
                 raise FloatingPointError(
-                    f"fit: non-finite loss {float(loss)} at step {step} (epoch {epoch}); parts: {parts}. "
+                    f"fit: non-finite loss {float(loss.detach())} at step {step} (epoch {epoch}); parts: {parts}. "
                     "Lower the learning rate, enable clip_grad, or add the z loss."
                 )
             if out.dim() == 2 and y.dim() == 1:
