@@ -50,8 +50,12 @@ def _max_abs(a, b):
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def _compare(layer: MoELayer, x_full, splits, ep: ExpertParallelMoELayer, rank):
-    """Max |difference| (this rank) of outputs and gradients between ``ep`` and the oracle ``layer``."""
+def _compare(layer: MoELayer, x_full, splits, ep: ExpertParallelMoELayer, rank, average=False):
+    """Max |difference| (this rank) of outputs and gradients between ``ep`` and the oracle ``layer``.
+
+    ``average``: the ranks' gradients are reduced as for the mean of their losses (DDP's
+    convention), so the weights' gradients must be the oracle's divided by the world size.
+    """
     upstream = torch.randn(x_full.shape, generator=torch.Generator().manual_seed(7))
     capacity = layer.router.capacity_factor is not None
     x_ref = x_full.clone().requires_grad_(True)
@@ -64,14 +68,15 @@ def _compare(layer: MoELayer, x_full, splits, ep: ExpertParallelMoELayer, rank):
     x = x_full[mine].clone().requires_grad_(True)
     out = ep(x)
     (out * upstream[mine]).sum().backward()
-    ep.allreduce_router_grads()  # each rank's router saw only its tokens: sum them
+    ep.reduce_gradients(average=average)  # each rank's router saw only its tokens: sum them
     first, stop = ep.expert_ids.start, ep.expert_ids.stop
+    scale = 1 / ep.world_size if average else 1.0
     return {
         "output": _max_abs(out.detach(), out_ref.detach()[mine]),
         "input_grad": _max_abs(x.grad, x_ref.grad[mine]),
-        "expert_grad": max(_max_abs(_grad(p), _grad(getattr(layer.experts, n))[first:stop])
+        "expert_grad": max(_max_abs(_grad(p), scale * _grad(getattr(layer.experts, n))[first:stop])
                            for n, p in ep.experts.named_parameters()),
-        "router_grad": max(_max_abs(_grad(p), _grad(q))
+        "router_grad": max(_max_abs(_grad(p), scale * _grad(q))
                            for p, q in zip(ep.router.parameters(), layer.router.parameters())),
         "splits": dict(ep.last_splits),
         "dropped_pairs": ep.k * splits[rank] - int(ep.last_routing.mask.sum()),
@@ -108,6 +113,13 @@ def _worker(scenario_names, collective="c10d"):
             out[name] = _compare(layer, x_full, splits, ExpertParallelMoELayer.from_moe_layer(layer, collective=collective),
                                  rank)
         out["skewed"] = _skewed(rank, world)
+        kwargs, split2, split4 = SCENARIOS["top2_uneven"]
+        torch.manual_seed(1)
+        layer = MoELayer(**kwargs, dispatch="dense", losses={})
+        splits = split2 if world == 2 else split4
+        x_full = torch.randn(sum(splits), kwargs["d_model"])
+        out["mean_loss"] = _compare(layer, x_full, splits, ExpertParallelMoELayer.from_moe_layer(layer), rank,
+                                    average=True)
 
         # Auxiliary losses come from the local routing, as MoELayer's on this rank's tokens.
         torch.manual_seed(11)
@@ -150,7 +162,7 @@ def ranks(request):
     return request.param, results, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS) + ["skewed"])
+@pytest.mark.parametrize("name", list(SCENARIOS) + ["skewed", "mean_loss"])
 def test_outputs_and_gradients_match_single_process(ranks, name):
     world, results, _ = ranks
     for rank, res in enumerate(results):
@@ -199,8 +211,9 @@ def test_measured_bytes_match_formula(ranks):
 def test_equivalence_report_agrees(ranks):
     _, results, _ = ranks
     report = results[0]["report"]
-    assert set(report) == {"output", "input_grad", "expert_grad", "router_grad"}
-    assert max(report.values()) < TOL
+    assert set(report["absolute"]) == {"output", "input_grad", "expert_grad", "router_grad"}
+    assert max(report["absolute"].values()) < TOL
+    assert max(report["relative"].values()) < TOL
 
 
 def test_bad_world_size_and_noisy_router_are_rejected(ranks):
@@ -341,3 +354,27 @@ def test_run_ranks_bad_input():
         run_ranks("not a function", 2)
     with pytest.raises(ValueError, match="nprocs=0"):
         run_ranks(_raiser, 0)
+
+
+def test_routed_counts_and_drawing():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tutorial_moe.parallel import draw_all_to_all, routed_counts
+    from tutorial_moe.routing import TopKRouter
+
+    torch.manual_seed(0)
+    router = TopKRouter(8, 4, 2)
+    x = torch.randn(10, 8)
+    counts = routed_counts(router, x, [6, 4])
+    assert counts.shape == (2, 4) and counts.sum(1).tolist() == [12, 8]
+    assert torch.equal(counts[1], router(x[6:]).mask.sum(0))
+    ax = draw_all_to_all(counts)
+    assert len(ax.patches) >= 2 * 2 + 4 + int((counts > 0).sum())  # rank boxes, expert boxes, arrows
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="sum to 9"):
+        routed_counts(router, x, [6, 3])
+    with pytest.raises(ValueError, match="not divisible"):
+        draw_all_to_all(torch.ones(3, 4))

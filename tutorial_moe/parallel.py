@@ -49,7 +49,7 @@ from .routing import Routing, TopKRouter
 
 __all__ = [
     "default_backend", "init_distributed", "expert_shard", "ExpertParallelMoELayer", "AllToAll", "CommCounter",
-    "all_to_all_bytes", "free_port", "run_ranks", "equivalence_report", "run_demo", "main",
+    "all_to_all_bytes", "routed_counts", "draw_all_to_all", "free_port", "run_ranks", "equivalence_report", "run_demo", "main",
 ]
 
 PHASES = ("dispatch_forward", "combine_forward", "dispatch_backward", "combine_backward")
@@ -276,7 +276,7 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
     Auxiliary losses are computed from the local routing. With a full-batch loss that is the sum
     of the ranks' losses, expert gradients come out complete (the backward all-to-all brings
     every rank's contribution home); the replicated router's gradients are partial sums, to be
-    added up with :meth:`allreduce_router_grads` before an optimiser step.
+    added up with :meth:`reduce_gradients` before an optimiser step.
 
     Args mirror ``MoELayer`` (no noisy router: each rank would draw different noise). ``group``:
     a process group (default: the whole world). ``collective``: "c10d" (default) wraps
@@ -358,14 +358,23 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
         for t in list(self.router.parameters()) + list(self.router.buffers()):
             dist.broadcast(t.data, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
 
-    def allreduce_router_grads(self, average: bool = False) -> None:
-        """Sum (or average) the replicated router's gradients over the ranks (collective)."""
+    def reduce_gradients(self, average: bool = False) -> None:
+        """Turn each rank's gradients into those of the sum (or, ``average=True``, the mean) of all
+        ranks' losses. Collective.
+
+        After ``backward`` every expert's gradient already holds every rank's contribution
+        (the backward all-to-all carried them home), but each router replica only saw its own
+        tokens: the router's gradients are summed over the ranks. With ``average`` both are
+        then divided by W, which is what data parallelism (DDP) does for replicated weights.
+        """
         for p in self.router.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=self.group)
-            if average:
-                p.grad /= self.world_size
+        if average:
+            for p in list(self.router.parameters()) + list(self.experts.parameters()):
+                if p.grad is not None:
+                    p.grad /= self.world_size
 
     def _run_local_experts(self, received: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
         """received (n, d) ordered [source rank][local expert][token]; returns expert outputs in that order."""
@@ -416,7 +425,8 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
         out = torch.zeros_like(flat).index_add(0, t_idx, returned * w.unsqueeze(1).to(returned.dtype))
 
         self._count(counts, send_splits, recv_splits, received, returned)
-        self.last_splits = {"send": send_splits, "recv": recv_splits, "recv_counts": recv_counts.tolist()}
+        self.last_splits = {"send": send_splits, "recv": recv_splits, "counts": counts.tolist(),
+                            "recv_counts": recv_counts.tolist()}
         self._set_aux(routing)
         return out.reshape(*lead, self.d_model)
 
@@ -437,6 +447,73 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
         if returned.requires_grad:
             returned.register_hook(lambda g: c.add("combine_backward", send_splits, rank,
                                                    g.shape[1] * g.element_size()))
+
+
+# ----------------------------------------------------------------------------- a picture of the traffic
+
+def routed_counts(router: nn.Module, x: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    """(W, E) int64: (token, expert) pairs each of W ranks would send to each expert, computed in
+    one process by routing each rank's rows (``splits[r]`` of ``x``) on their own, as the ranks do."""
+    if sum(splits) != x.shape[0]:
+        raise ValueError(f"routed_counts: splits={splits} sum to {sum(splits)}, but x has {x.shape[0]} rows")
+    with torch.no_grad():
+        return torch.stack([router(part).mask.sum(0) for part in x.split(list(splits))])
+
+
+def draw_all_to_all(counts, ax=None, title: str | None = None):
+    """Draw one dispatch all-to-all: ``counts[s, e]`` pairs go from rank ``s`` to expert ``e``.
+
+    Source ranks on the left, the experts grouped by their owner rank on the right; one arrow per
+    non-zero count, width proportional to it, coloured by sender; solid arrows cross between
+    processes, dotted ones stay on their rank (no network). The combine all-to-all retraces every arrow
+    backwards, and the backward pass retraces both. Returns the matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, Rectangle
+
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 2:
+        raise ValueError(f"draw_all_to_all: counts must have shape (world_size, num_experts), got {tuple(counts.shape)}")
+    W, E = counts.shape
+    El = len(expert_shard(E, W, 0))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.9 + 0.55 * E), dpi=90)
+    colors = plt.get_cmap("tab10")
+    height = 1.0 / W
+    expert_y = [1 - (e + 0.5) / E for e in range(E)]
+    biggest = max(1, int(counts.max()))
+    for s in range(W):
+        y0 = 1 - (s + 1) * height
+        ax.add_patch(Rectangle((0.0, y0 + 0.1 * height), 0.2, 0.8 * height, facecolor=colors(s), alpha=0.25,
+                               edgecolor=colors(s)))
+        ax.text(0.1, y0 + 0.5 * height, f"rank {s}\nsends {int(counts[s].sum())}", ha="center", va="center")
+        ax.add_patch(Rectangle((0.72, y0 + 0.02), 0.26, height - 0.04, facecolor="none", edgecolor="0.4",
+                               linestyle="--"))
+        ax.text(0.945, y0 + 0.5 * height, f"rank {s}", ha="center", va="center", rotation=90, fontsize=8,
+                color="0.3")
+    for e in range(E):
+        ax.add_patch(Rectangle((0.75, expert_y[e] - 0.3 / E), 0.16, 0.6 / E, facecolor="0.9", edgecolor="0.2"))
+        ax.text(0.83, expert_y[e], f"expert {e}", ha="center", va="center", fontsize=8)
+    for s in range(W):
+        ys = 1 - (s + 0.5) * height
+        for e in range(E):
+            n = int(counts[s, e])
+            if n == 0:
+                continue
+            local = e // El == s
+            ax.add_patch(FancyArrowPatch((0.2, ys), (0.75, expert_y[e]), arrowstyle="-|>", mutation_scale=10,
+                                         linewidth=0.5 + 5 * n / biggest, color=colors(s), alpha=0.8,
+                                         linestyle=":" if local else "-"))
+    from matplotlib.lines import Line2D
+
+    ax.legend(handles=[Line2D([], [], color="0.3", linestyle="-", label="crosses to another rank"),
+                       Line2D([], [], color="0.3", linestyle=":", label="stays on its rank")],
+              loc="lower center", bbox_to_anchor=(0.47, -0.09), ncol=2, frameon=False, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.axis("off")
+    ax.set_title(title or f"Dispatch all-to-all: (token, expert) pairs sent, {W} ranks, {E} experts")
+    return ax
 
 
 # ----------------------------------------------------------------------------- launching ranks
@@ -544,7 +621,8 @@ def equivalence_report(layer: MoELayer, x_full: torch.Tensor, splits: list[int],
     """Run ``layer`` on all of ``x_full`` in this process and its expert-parallel shard on this
     rank's rows (``splits[r]`` rows for rank r); compare outputs and gradients of the loss
     ``sum(out * upstream)`` (a fixed random upstream gradient). Collective; the returned maxima
-    are over all ranks. Without a capacity factor the reference is one full-batch forward; with
+    are over all ranks: ``absolute`` max |difference| and ``relative`` (divided by the oracle's
+    largest |value| of that quantity). Without a capacity factor the reference is one full-batch forward; with
     one, capacity is per rank's batch, so the reference runs ``layer`` on each rank's rows.
     """
     rank, W = _group_info(group)
@@ -567,7 +645,7 @@ def equivalence_report(layer: MoELayer, x_full: torch.Tensor, splits: list[int],
     x_local = x_full[mine].detach().clone().requires_grad_(True)
     out = ep(x_local)
     (out * upstream[mine]).sum().backward()
-    ep.allreduce_router_grads()
+    ep.reduce_gradients()
 
     def grad(p):
         return torch.zeros_like(p) if p.grad is None else p.grad
@@ -579,9 +657,17 @@ def equivalence_report(layer: MoELayer, x_full: torch.Tensor, splits: list[int],
         max(_max_abs(grad(p), grad(getattr(layer.experts, n))[first:stop]) for n, p in ep.experts.named_parameters()),
         max(_max_abs(grad(p), grad(q)) for p, q in zip(ep.router.parameters(), layer.router.parameters())),
     ], dtype=torch.float64, device=x_full.device)
+    scales = torch.tensor([
+        out_ref.detach().abs().max(), x_ref.grad.abs().max(),
+        max(grad(p).abs().max() for p in layer.experts.parameters()),
+        max(grad(p).abs().max() for p in layer.router.parameters()),
+    ], dtype=torch.float64, device=x_full.device)
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX, group=group)
     names = ("output", "input_grad", "expert_grad", "router_grad")
-    return {n: float(v) for n, v in zip(names, diffs.tolist())}
+    return {
+        "absolute": {n: float(v) for n, v in zip(names, diffs.tolist())},
+        "relative": {n: float(v / s) if s > 0 else float(v) for n, v, s in zip(names, diffs.tolist(), scales.tolist())},
+    }
 
 
 def run_demo(tokens_per_rank: int = 512, d_model: int = 64, d_hidden: int = 128, num_experts: int = 8, k: int = 2,
@@ -612,11 +698,14 @@ def run_demo(tokens_per_rank: int = 512, d_model: int = 64, d_hidden: int = 128,
             t0 = time.perf_counter()
             xi = mine.detach().requires_grad_(True)
             (ep(xi) * upstream).sum().backward()
-            ep.allreduce_router_grads()
+            ep.reduce_gradients()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         comm = ep.comm.all_reduce(device=device)
+        counts = torch.tensor(ep.last_splits["counts"], device=device)
+        all_counts = [torch.empty_like(counts) for _ in range(W)]
+        dist.all_gather(all_counts, counts)  # (W, E): what every rank sent to every expert in a step
         step_times = torch.tensor(times[1:], dtype=torch.float64, device=device)
         dist.all_reduce(step_times, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
         single = None
@@ -652,6 +741,7 @@ def run_demo(tokens_per_rank: int = 512, d_model: int = 64, d_hidden: int = 128,
                 "payload_by_phase_per_step": {p: v / steps for p, v in comm["payload"].items()},
                 "routed_pairs_per_step": pairs_per_step,
                 "local_fraction": local_fraction,
+                "counts": torch.stack(all_counts).tolist(),
             },
             "predicted": predicted,
             "predicted_balanced": predicted_balanced,
