@@ -63,6 +63,16 @@ def is_cached(path: str | Path, cache_dir: str | Path | None = None) -> bool:
     return True
 
 
+def forget(path: str | Path, cache_dir: str | Path | None = None) -> None:
+    """Drop ``path``'s cached outputs, so that the next build executes it."""
+    cache = _cache(cache_dir)
+    try:
+        record = cache.match_cache_notebook(source_notebook(path))
+    except KeyError:
+        return
+    cache.remove_cache(record.pk)
+
+
 def widget_state_metadata(states: dict[str, dict], buffers: dict[str, dict]) -> dict:
     """Notebook metadata for ipywidgets' state, in the layout nbclient writes and myst-nb embeds.
 

@@ -12,7 +12,9 @@
 3. Cache-only builds: with ``TUTORIAL_MOE_BOOK_CACHE_ONLY=1`` (the test build), a chapter that is
    not in the execution cache is not executed: it is listed in a warning (so ``-W`` fails) and
    built without outputs. Every build writes ``_build/execution.json``: which chapters came from
-   the cache and which were executed.
+   the cache and which were executed. When a build executes any chapter, a chapter that reads
+   the others' saved results (``load_results``/``load_all_results``: the verdicts) is executed
+   again too, after them, so that its table shows this build's numbers.
 """
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ from sphinx.transforms.post_transforms import SphinxPostTransform
 from sphinx.util import logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from book_cache import is_cached  # noqa: E402
+from book_cache import forget, is_cached  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+READS_RESULTS = re.compile(r"\bload_(all_)?results\(")
 MATHJAX_FILES = ["tex-chtml.js", "output/chtml/fonts/woff-v2", "input/tex/extensions", "ui", "a11y"]
 WIDGET_FILES = ["require.js", "embed-amd.js"]
 # The manager computes where its icon fonts are from the URL of its AMD module, which RequireJS
@@ -105,8 +108,19 @@ def check_cache(app, env, docnames):
         (cached if is_cached(path, env.mystnb_config.execution_cache_path) else uncached).append(
             docname
         )
+    cache_only = os.environ.get("TUTORIAL_MOE_BOOK_CACHE_ONLY") == "1"
+    if uncached and not cache_only:
+        # A chapter that reads the other chapters' saved results (the verdicts) must run after
+        # them in the same build, or its cached table would show the previous run's numbers.
+        # Sphinx reads documents in sorted order, so 14_verdicts runs after 00-13.
+        readers = [d for d in cached
+                   if READS_RESULTS.search(Path(env.doc2path(d)).read_text(encoding="utf-8"))]
+        for docname in readers:
+            forget(Path(env.doc2path(docname)), env.mystnb_config.execution_cache_path)
+            cached.remove(docname)
+            uncached.append(docname)
     app._tutorial_moe_exec = {"cached": cached, "executed": []}
-    if os.environ.get("TUTORIAL_MOE_BOOK_CACHE_ONLY") == "1":
+    if cache_only:
         if uncached:
             logger.warning(
                 "not in the execution cache, so built WITHOUT outputs (cache-only build; "

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
 LOG = BUILD / "logs" / "book-build.log"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def main(argv=None) -> int:
@@ -51,10 +52,12 @@ def main(argv=None) -> int:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
+            line = ANSI.sub("", line)  # jupyter-book colours its output even into a pipe
             log.write(line)
             # Echo what a reader needs to follow the build: chapter execution and problems.
             if re.search(r"WARNING|ERROR|Executing notebook|Executed notebook|book_extension|"
-                         r"build succeeded|build finished|Traceback", line):
+                         r"build succeeded|build finished|Traceback", line) \
+                    and "IPKernelApp" not in line:  # the kernel's note about its TCP transport
                 print("  " + line.rstrip(), flush=True)
         code = proc.wait()
     seconds = time.perf_counter() - start
@@ -63,8 +66,11 @@ def main(argv=None) -> int:
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     failures = sorted(reports.glob("**/*.err.log"))
     for report in failures:
+        text = report.read_text(encoding="utf-8")
+        # The cell and its traceback; nbclient's own call stack above it helps nobody.
+        start = text.find("An error occurred while executing")
         print(f"\n----- execution report: {report.relative_to(ROOT)} -----")
-        print(report.read_text(encoding="utf-8")[-6000:])
+        print(text[start if start >= 0 else 0:][-6000:])
     if not args.execute and summary.get("executed"):
         print(f"book: executed {summary['executed']} in a cache-only build")
         code = code or 1

@@ -324,17 +324,16 @@ def main(argv=None) -> int:
                     continue
                 url = server.base + f"{docname}.html"
                 first = len(server.log)
+                shot = SHOTS / (docname.replace("/", "_") + ".png")
+                shot.unlink(missing_ok=True)
+                # One load: the DOM after the scripts ran goes to stdout, the picture to `shot`.
                 dump = chromium(binary, profile, f"--virtual-time-budget={args.budget_ms}",
-                                "--dump-dom", url)
+                                f"--screenshot={shot}", "--window-size=1280,1800", "--dump-dom", url)
                 if dump.returncode != 0 or "<html" not in dump.stdout:
                     problems.append(f"Chromium could not load the page (exit {dump.returncode}): "
                                     f"{dump.stderr.strip()[-300:]}")
                 else:
                     problems += check_dom(docname, parse(dump.stdout), url, server.base)
-                shot = SHOTS / (docname.replace("/", "_") + ".png")
-                shot.unlink(missing_ok=True)
-                chromium(binary, profile, f"--virtual-time-budget={args.budget_ms}",
-                         f"--screenshot={shot}", "--window-size=1280,1800", url)
                 if not shot.is_file() or shot.stat().st_size < 5000:
                     problems.append("no screenshot written (blank page?)")
                 # The browser asks for /favicon.ico by itself; no page links it.

@@ -48,6 +48,10 @@ def junit_counts(path: Path) -> dict[str, int]:
     return counts
 
 
+# Colours help in a terminal and clutter a CI log.
+COLOR = "--color=yes" if sys.stdout.isatty() else "--color=no"
+
+
 def run(command: list[str], env: dict | None = None) -> int:
     print("$ " + " ".join(str(c) for c in command), flush=True)
     return subprocess.run(command, cwd=ROOT, env={**os.environ, **(env or {})}).returncode
@@ -55,7 +59,7 @@ def run(command: list[str], env: dict | None = None) -> int:
 
 def phase_unit(args) -> tuple[int, dict]:
     xml = REPORTS / "unit.xml"
-    code = run([PY, "-m", "pytest", "tests", "-q", f"--junitxml={xml}"] + args.pytest_args)
+    code = run([PY, "-m", "pytest", "tests", "-q", COLOR, f"--junitxml={xml}"] + args.pytest_args)
     return code, junit_counts(xml)
 
 
@@ -64,7 +68,7 @@ def phase_notebooks(args) -> tuple[int, dict]:
     xml = REPORTS / "notebooks.xml"
     command = [
         PY, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
-        "--nbval-cell-timeout=600", f"--book-cache={CACHE}", "-q", f"--junitxml={xml}",
+        "--nbval-cell-timeout=600", f"--book-cache={CACHE}", "-q", COLOR, f"--junitxml={xml}",
         *notebooks,
     ]
     # Progress bars off: the log stays readable and nothing depends on a terminal.

@@ -148,6 +148,15 @@ def test_bridge_stores_outputs_under_the_key_the_book_build_looks_up(tmp_path):
     assert not book_cache.is_cached(md, cache)
 
 
+def test_forget_drops_a_chapter_from_the_cache(tmp_path):
+    md = tmp_path / "ch.md"
+    md.write_text(CHAPTER, encoding="utf-8")
+    book_cache.store_executed(md, executed_cells(), 1.0, cache_dir=tmp_path / "cache")
+    book_cache.forget(md, tmp_path / "cache")
+    assert not book_cache.is_cached(md, tmp_path / "cache")
+    book_cache.forget(md, tmp_path / "cache")  # forgetting twice is fine
+
+
 def test_myst_nb_renders_the_cached_outputs_without_executing(tmp_path):
     """The real consumer: myst-nb in cache mode renders what the bridge stored. The stored
     output differs from what running the cell would print, so executing would show."""
