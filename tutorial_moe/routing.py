@@ -249,7 +249,8 @@ class TopKRouter(Router):
         logits = clean
         noise_std = None
         if self.noisy and self.training:
-            noise_std = F.softplus(self.noise(x)) / self.temperature
+            # A custom gate may read images (N, C, H, W); the noise network reads them flattened.
+            noise_std = F.softplus(self.noise(x.flatten(1) if x.dim() > 2 else x)) / self.temperature
             logits = clean + torch.randn_like(clean) * noise_std
         probs = logits.softmax(-1)
 

@@ -1,0 +1,274 @@
+"""Seed 004's two-domain experiment on tiny configurations (8x8 images, two-channel experts)."""
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tutorial_moe.data import DataSplit
+from tutorial_moe.losses import switch_balance_loss
+from tutorial_moe.routing import Routing, TopKRouter
+from tutorial_moe.experts import ConvGate
+from tutorial_moe.two_domains import (
+    LOSS_SETTINGS, OUTCOMES, ExperimentConfig, RunResult, activation_table_rows, build_model, class_rate_rows,
+    classify_outcome, domain_gap, format_activation_table, gate_values, mean_std, measure_routing, outcome_counts,
+    run, seed_gate_losses, summary_rows,
+)
+
+TINY = ExperimentConfig(image_size=8, width=2, fc=4, gate_width=2, gate_fc=4, dense_hidden=4, epochs=2,
+                        batch_size=16, lr=1e-2, train_limit=None, test_limit=None)
+
+
+def fake_split(n=40, size=8, seed=0):
+    """Two separable fake domains: domain 1 images are bright, domain 0 dark; 20 balanced classes."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 20
+    domain = (y >= 10).long()
+    x = torch.rand(n, 1, size, size, generator=g) * 0.3 + 0.6 * domain.view(-1, 1, 1, 1)
+    return DataSplit(x, y, domain, "fake two-domain data")
+
+
+SEED_DENSE = [[0.5692206, 0.43077937], [0.0038144253, 0.9961853]]  # seed 004's dense gate, train
+
+
+# ---------------------------------------------------------------- outcomes
+
+
+def test_classify_outcome_on_known_tables():
+    assert classify_outcome([[1.0, 0.0], [0.0, 1.0]]) == "split"
+    assert classify_outcome([[1.0, 1e-29], [1.0, 1e-31]]) == "collapsed"  # seed 004's conv gate
+    assert classify_outcome(SEED_DENSE) == "partial"
+    assert classify_outcome([[0.5, 0.5], [0.45, 0.55]]) == "shared"
+    assert classify_outcome([[0.95, 0.05], [0.05, 0.95]]) == "split"
+    # the same expert above 0.99 on one domain only is not a collapse
+    assert classify_outcome([[0.995, 0.005], [0.6, 0.4]]) == "partial"
+    assert set(OUTCOMES) == {"collapsed", "split", "partial", "shared"}
+
+
+@given(st.floats(0, 1), st.floats(0, 1))
+def test_outcome_and_gap_ignore_expert_and_domain_order(a, b):
+    rates = [[a, 1 - a], [b, 1 - b]]
+    swapped_experts = [[1 - a, a], [1 - b, b]]
+    swapped_domains = [[b, 1 - b], [a, 1 - a]]
+    out = classify_outcome(rates)
+    assert classify_outcome(swapped_experts) == out == classify_outcome(swapped_domains)
+    assert domain_gap(rates) == pytest.approx(abs(a - b))
+    assert 0 <= domain_gap(rates) <= 1
+
+
+def test_domain_gap_is_total_variation_for_more_experts():
+    assert domain_gap([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]) == pytest.approx(1.0)
+    assert domain_gap([[0.25] * 4, [0.25] * 4]) == 0
+
+
+@pytest.mark.parametrize("bad", [[0.5, 0.5], [[0.5, 0.5]] * 3])
+def test_outcome_rejects_wrong_shapes(bad):
+    with pytest.raises(ValueError, match="shape"):
+        classify_outcome(bad)
+    with pytest.raises(ValueError, match="shape"):
+        domain_gap(bad)
+
+
+def test_outcome_rejects_bad_thresholds():
+    with pytest.raises(ValueError, match="partial"):
+        classify_outcome(SEED_DENSE, split=0.2, partial=0.5)
+    with pytest.raises(ValueError, match="collapse"):
+        classify_outcome(SEED_DENSE, collapse=1.5)
+
+
+# ---------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize("gate", ["oracle", "conv", "dense"])
+def test_models_map_images_to_20_logits(gate):
+    data = fake_split(8)
+    model = build_model(gate, TINY)
+    out = model(data.x, data.domain)
+    assert out.shape == (8, 20)
+    r = model.last_routing
+    assert torch.allclose(r.probs.sum(-1), torch.ones(8))
+    if gate == "oracle":
+        assert torch.equal(r.weights, torch.nn.functional.one_hot(data.domain, 2).float())
+
+
+def test_logit_combine_is_gate_weighted_sum_of_experts():
+    """Y' = softmax(sum_i g_i NN_i(X)): the model's output is exactly that sum of logits."""
+    data = fake_split(6)
+    model = build_model("dense", TINY)
+    out = model(data.x)
+    g = model.last_routing.weights
+    ys = model.expert_outputs(data.x)
+    assert torch.allclose(out, g[:, :1] * ys[0] + g[:, 1:] * ys[1], atol=1e-6)
+
+
+def test_top1_routers_choose_one_expert_and_keep_gate_gradient():
+    data = fake_split(8)
+    model = build_model("conv", TINY, router="top1", losses={"switch": 0.01})
+    out = model(data.x)
+    assert model.last_routing.mask.sum(-1).eq(1).all()
+    out.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.router.gate.parameters())
+
+
+def test_noisy_top1_reads_images_and_provides_load():
+    router = TopKRouter(64, 2, 1, noisy=True, normalize=False, gate=ConvGate(2, 1, 2, 4, 8))
+    r = router(torch.rand(5, 1, 8, 8))
+    assert r.aux["load"].shape == (2,)
+    assert r.mask.sum() == 5
+
+
+def test_switch_loss_is_constant_on_a_soft_gate():
+    """Why chapter 06 gives the Switch loss a top-1 router: with every expert selected it is 1."""
+    probs = torch.softmax(torch.randn(32, 2, requires_grad=True), -1)
+    loss = switch_balance_loss(probs, torch.ones(32, 2, dtype=torch.bool))
+    assert loss.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"gate": "lstm"}, "gate"),
+    ({"gate": "dense", "router": "top3"}, "router"),
+    ({"gate": "dense", "bias_update_rate": 0.1}, "bias_update_rate"),
+    ({"gate": "oracle", "losses": {"switch": 0.1}}, "oracle"),
+    ({"gate": "dense", "losses": {"entropy": 0.1}}, "entropy"),
+])
+def test_build_model_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(cfg=TINY, **kwargs)
+
+
+def test_config_validates_and_seed_sizes_match_the_seed():
+    s = ExperimentConfig.seed_sizes()
+    assert (s.image_size, s.width, s.fc, s.gate_width, s.gate_fc, s.dense_hidden, s.batch_size) == (32, 128, 128, 64, 64, 64, 128)
+    assert s.train_limit is None
+    with pytest.raises(ValueError, match="num_experts"):
+        ExperimentConfig(num_experts=1)
+    with pytest.raises(TypeError, match="width"):
+        ExperimentConfig(width=2.5)
+    assert "16x16" in ExperimentConfig().describe()
+
+
+def test_seed_gate_losses():
+    assert seed_gate_losses("entropy", 0.1, 0.01) == {"batch_entropy": 0.1, "sample_entropy": 0.01}
+    assert seed_gate_losses("variance", 1, 0) == {"batch_variance": 1.0, "sample_variance": 0.0}
+    with pytest.raises(ValueError, match="kind"):
+        seed_gate_losses("kl", 0.1, 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        seed_gate_losses("entropy", -1, 0.1)
+    assert LOSS_SETTINGS["entropy"]["losses"] == seed_gate_losses("entropy", 0.1, 0.01)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def test_gate_values_soft_and_hard():
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    soft = Routing(probs.log(), probs, probs, torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool))
+    assert torch.equal(gate_values(soft), probs)
+    mask = torch.tensor([[False, True], [False, True]])  # e.g. a bias moved both to expert 1
+    hard = Routing(probs.log(), probs, probs * mask, mask, torch.zeros(2, dtype=torch.bool))
+    assert torch.equal(gate_values(hard), mask.float())
+
+
+def test_measure_routing_class_rates_average_to_domain_rates():
+    data = fake_split(40)
+    model = build_model("dense", TINY)
+    m = measure_routing(model, data)
+    assert m["rates"].shape == (2, 2) and m["class_rates"].shape == (20, 2)
+    # balanced classes: a domain's rate is the mean of its ten classes' rates
+    assert torch.allclose(m["class_rates"][:10].mean(0), m["rates"][0], atol=1e-6)
+    assert torch.allclose(m["class_rates"][10:].mean(0), m["rates"][1], atol=1e-6)
+    assert 0 <= m["entropy"] <= math.log(2) + 1e-6
+    assert 0 <= m["specialization"] <= 1
+
+
+def test_run_oracle_records_curves_and_identity_table():
+    train, test = fake_split(48), fake_split(20, seed=1)
+    r = run("oracle", train, test, TINY, seed=0)
+    steps = TINY.epochs * math.ceil(48 / TINY.batch_size)
+    assert len(r.train_acc_steps) == len(r.step_epochs) == steps
+    assert r.step_epochs[-1] == pytest.approx(TINY.epochs)
+    assert len(r.test_acc_epochs) == TINY.epochs
+    assert r.rates["test"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert r.outcome == "split" and r.specialization == pytest.approx(1.0) and r.entropy == 0
+    json.dumps(r.summary())  # JSON-able for save_results
+
+
+def test_run_is_reproducible_and_settings_apply():
+    train, test = fake_split(32), fake_split(20, seed=1)
+    a = run("dense", train, test, TINY, seed=3, setting="entropy")
+    b = run("dense", train, test, TINY, seed=3, setting="entropy")
+    assert a.train_acc_steps == b.train_acc_steps and a.rates == b.rates
+    assert a.extra["losses"] == LOSS_SETTINGS["entropy"]["losses"]
+    c = run("conv", train, test, TINY, seed=0, setting="bias")
+    assert c.extra["router"] == "top1"
+    assert all(sum(row) == pytest.approx(1) for row in c.rates["test"])
+    four = run("dense", train, test, TINY.replace(num_experts=4), seed=0)
+    assert len(four.rates["test"][0]) == 4 and len(four.class_rates["test"]) == 20
+
+
+def test_run_rejects_single_domain_data():
+    data = fake_split(20)
+    with pytest.raises(ValueError, match="two-domain"):
+        run("dense", data._replace(domain=None), data, TINY)
+    with pytest.raises(ValueError, match="setting"):
+        run("dense", data, data, TINY, setting="magic")
+
+
+def _result(outcome, gate="dense", rates=((0.6, 0.4), (0.1, 0.9))):
+    rates = [list(r) for r in rates]
+    return RunResult(gate, "none", 0, [1.0], [0.5], [0.4], {"train": rates, "test": rates},
+                     {"train": [[0.5, 0.5]] * 20, "test": [[0.5, 0.5]] * 20}, 0.4, 0.3, 0.2, domain_gap(rates),
+                     outcome, 1.0)
+
+
+def test_tables_and_counts():
+    results = {"conv gate": _result("collapsed", "conv"), "dense gate": _result("partial")}
+    rows = activation_table_rows(results)
+    assert [r["model, domain"] for r in rows] == ["conv gate, digits", "conv gate, other", "dense gate, digits",
+                                                  "dense gate, other"]
+    assert rows[1]["test NN1"] == pytest.approx(0.9)
+    text = format_activation_table(rows)
+    assert "train NN0" in text and "test NN1" in text and len(text.splitlines()) == 5
+    assert len(class_rate_rows(results, [str(i) for i in range(20)])) == 20
+    counts = outcome_counts([_result("collapsed", "conv"), _result("partial"), _result("partial")])
+    assert counts == {"conv": {"collapsed": 1, "split": 0, "partial": 0, "shared": 0},
+                      "dense": {"collapsed": 0, "split": 0, "partial": 2, "shared": 0}}
+    assert summary_rows([_result("partial")])[0]["digits: gate"] == "0.60 / 0.40"
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    with pytest.raises(ValueError, match="key"):
+        outcome_counts([], key="seed")
+
+
+def test_usage_imbalance_and_verdict_helpers():
+    from tutorial_moe.two_domains import frequency_verdict, paired_difference, usage_imbalance
+
+    assert usage_imbalance([0.5, 0.5]) == 0 and usage_imbalance([1.0, 0.0]) == pytest.approx(0.5)
+    assert usage_imbalance([0.25] * 4) == 0 and usage_imbalance([1, 0, 0, 0]) == pytest.approx(0.75)
+    assert [frequency_verdict(c, 3) for c in (0, 1, 3)] == ["fails", "mixed", "holds"]
+    with pytest.raises(ValueError, match="count"):
+        frequency_verdict(4, 3)
+    clear = paired_difference([0.8, 0.82, 0.79], [0.7, 0.71, 0.72])
+    assert clear["beyond_spread"] and clear["mean_diff"] == pytest.approx(0.0933, abs=1e-3)
+    noisy = paired_difference([0.8, 0.6, 0.75], [0.7, 0.71, 0.72])  # signs differ
+    assert not noisy["beyond_spread"]
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference([0.1], [0.2])
+
+
+def test_direction_and_claim_verdict():
+    from tutorial_moe.two_domains import claim_verdict, direction, paired_difference
+
+    up = paired_difference([0.8, 0.82, 0.79], [0.7, 0.71, 0.72])
+    down = paired_difference([0.7, 0.71, 0.72], [0.8, 0.82, 0.79])
+    flat = paired_difference([0.8, 0.6, 0.75], [0.7, 0.71, 0.72])
+    assert direction(up, "MoE better", "oracle better") == "MoE better"
+    assert direction(down, "MoE better", "oracle better") == "oracle better"
+    assert direction(flat) == "no significant difference"
+    assert claim_verdict(["x", "x"], "x", "y") == "holds"
+    assert claim_verdict(["y", "y"], "x", "y") == "fails"
+    assert claim_verdict(["no significant difference"] * 2, "x", "y") == "no significant difference"
+    assert claim_verdict(["x", "no significant difference"], "x", "y") == "mixed"
+    with pytest.raises(ValueError, match="empty"):
+        claim_verdict([], "x", "y")
