@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import socket
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
