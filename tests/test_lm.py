@@ -1,0 +1,162 @@
+"""The tiny transformer language model: shapes, causality, parameter counts, training, evaluation,
+sampling and routing collection, on tiny configurations."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tutorial_moe import MoELayer
+from tutorial_moe.corpus import CHAR_CLASSES, DOMAINS, build_corpus, char_classes, eval_windows
+from tutorial_moe.lm import (
+    DenseFFN, LMConfig, TinyLM, collect_lm_routing, evaluate_lm, ffn_modules, generate, lm_loss, parameter_counts,
+    train_lm,
+)
+from tutorial_moe.metrics import specialization
+from tutorial_moe.smoe import SMoELayer
+
+TINY = LMConfig(context=16, d_model=16, n_layers=2, n_heads=2, d_hidden=24, num_experts=3)
+KINDS = [dict(ffn="dense"), dict(ffn="moe"), dict(ffn="moe", k=2), dict(ffn="moe", router="oracle"),
+         dict(ffn="smoe"), dict(ffn="smoe", router="oracle")]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return build_corpus(chars_per_domain=2000, seed=0)
+
+
+def batch(B=3, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(96, (B, T), generator=g), torch.randint(3, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: "-".join(map(str, k.values())))
+def test_forward_shape_and_causality(kind):
+    model = TinyLM(TINY.replace(**kind)).eval()
+    x, d = batch()
+    logits = model(x, d)
+    assert logits.shape == (3, 16, 96)
+    # Changing position 10 (its token and label) must not change any prediction before it.
+    x2, d2 = x.clone(), d.clone()
+    x2[:, 10] = (x2[:, 10] + 1) % 96
+    d2[:, 10] = (d2[:, 10] + 1) % 3
+    logits2 = model(x2, d2)
+    assert torch.allclose(logits[:, :10], logits2[:, :10], atol=1e-6)
+    assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
+
+
+def test_feed_forward_kind_follows_the_config():
+    kinds = {"dense": DenseFFN, "moe": MoELayer, "smoe": SMoELayer}
+    for name, cls in kinds.items():
+        assert all(isinstance(f, cls) for f in ffn_modules(TinyLM(TINY.replace(ffn=name))))
+
+
+def test_parameter_counts_match_a_hand_count():
+    dense = TinyLM(TINY.replace(ffn="dense"))
+    assert parameter_counts(dense) == {"total": sum(p.numel() for p in dense.parameters())} | {
+        "active": sum(p.numel() for p in dense.parameters())}
+    moe = TinyLM(TINY.replace(ffn="moe", k=1))
+    d, h, E, L = TINY.d_model, TINY.d_hidden, TINY.num_experts, TINY.n_layers
+    expert = d * h + h + h * d + d
+    router = d * E  # TopKRouter's linear gate, no bias
+    counts = parameter_counts(moe)
+    assert counts["total"] == parameter_counts(dense)["total"] + L * ((E - 1) * expert + router)
+    # One token uses one expert: active = the dense model with the same hidden width, plus the gates.
+    assert counts["active"] == parameter_counts(dense)["active"] + L * router
+    smoe = TinyLM(TINY.replace(ffn="smoe", keep=0.5, router="oracle"))
+    unit = d * h + h + h * d
+    assert parameter_counts(smoe)["total"] == parameter_counts(dense)["total"]
+    assert parameter_counts(smoe)["active"] == parameter_counts(dense)["total"] - L * unit // 2
+
+
+def test_oracle_model_needs_domains():
+    model = TinyLM(TINY.replace(ffn="moe", router="oracle"))
+    with pytest.raises(ValueError, match="domains"):
+        model(batch()[0])
+    with pytest.raises(ValueError, match="domains must have shape"):
+        model(batch()[0], torch.zeros(3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds context=16"):
+        TinyLM(TINY)(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad, match", [(dict(ffn="sparse"), "ffn='sparse'"), (dict(router="hash"), "router="),
+                                        (dict(n_heads=3), "divisible"), (dict(k=4), "k=4"),
+                                        (dict(dropout=1.0), "dropout")])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TINY.replace(**bad)
+
+
+def test_lm_loss_is_cross_entropy_over_all_positions():
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(7, (2, 5))
+    manual = -sum(F.log_softmax(logits[b, t], -1)[targets[b, t]] for b in range(2) for t in range(5)) / 10
+    assert torch.allclose(lm_loss(logits, targets), manual)
+
+
+def test_training_learns_and_is_deterministic(corpus):
+    cfg = TINY.replace(ffn="moe")
+    a, b = TinyLM(cfg), TinyLM(cfg)
+    b.load_state_dict(a.state_dict())
+    ha = train_lm(a, corpus.train, 40, batch_size=8, lr=1e-2, seed=3, show_progress=False)
+    hb = train_lm(b, corpus.train, 40, batch_size=8, lr=1e-2, seed=3, show_progress=False)
+    assert ha.series("loss") == hb.series("loss")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # From ~ln(96) = 4.56 nats a character; 40 steps reach the unigram level (~3.2) and below.
+    first, last = sum(ha.series("task")[:5]) / 5, sum(ha.series("task")[-5:]) / 5
+    assert first > 4.0 and last < 3.4, (first, last)
+    assert len(ha.steps[-1]["utilization"]) == 2  # one utilisation vector per MoE layer
+
+
+def test_training_stops_on_a_non_finite_loss(corpus):
+    model = TinyLM(TINY)
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train_lm(model, corpus.train, 3, batch_size=4, show_progress=False)
+
+
+def test_evaluate_lm_matches_a_manual_computation(corpus):
+    model = TinyLM(TINY.replace(ffn="moe", router="oracle"))
+    res = evaluate_lm(model, corpus.val, max_windows=4, domain_names=DOMAINS)
+    assert set(res["per_domain"]) == set(DOMAINS)
+    x, y, d = eval_windows(corpus.val, 16, max_windows=4)
+    with torch.no_grad():
+        nll = F.cross_entropy(model(x, d).reshape(-1, 96), y.reshape(-1), reduction="none")
+    for i, name in enumerate(DOMAINS):
+        assert math.isclose(res["per_domain"][name], float(nll[d.reshape(-1) == i].mean()), rel_tol=1e-5)
+    assert math.isclose(res["loss"], sum(res["per_domain"].values()) / 3, rel_tol=1e-6)
+    # An untrained model is close to uniform over 96 characters.
+    assert abs(res["loss"] - math.log(96)) < 0.1
+
+
+def test_generate_is_seeded_and_checks_its_arguments():
+    model = TinyLM(TINY)
+    a = generate(model, "def ", 20, seed=1)
+    assert a.startswith("def ") and len(a) == 24
+    assert a == generate(model, "def ", 20, seed=1)
+    assert len(generate(model, "x" * 40, 5, top_k=3)) == 45  # longer than the context: cropped, still fine
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, "a", 5, temperature=0)
+    with pytest.raises(ValueError, match="prompt"):
+        generate(model, "", 5)
+    with pytest.raises(ValueError, match="domain"):
+        generate(TinyLM(TINY.replace(ffn="smoe", router="oracle")), "a", 5)
+
+
+def test_collect_lm_routing_labels_line_up(corpus):
+    model = TinyLM(TINY.replace(ffn="moe", k=2))
+    layers = collect_lm_routing(model, corpus.val, max_windows=3, num_position_buckets=4)
+    assert len(layers) == 2
+    r = layers[0]
+    N = 9 * 16
+    assert r["mask"].shape == (N, 3) and (r["mask"].sum(1) == 2).all()
+    assert torch.equal(r["char_class"], char_classes(r["token"]))
+    assert r["position"].max() == 15 and torch.equal(r["position_bucket"], r["position"] // 4)
+    assert int(r["char_class"].max()) < len(CHAR_CLASSES)
+    oracle = TinyLM(TINY.replace(ffn="moe", router="oracle"))
+    ro = collect_lm_routing(oracle, corpus.val, max_windows=3)[1]
+    assert torch.equal(ro["mask"].float().argmax(1), ro["domain"])
+    assert specialization(ro["mask"], ro["domain"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no MoE layer"):
+        collect_lm_routing(TinyLM(TINY), corpus.val)
