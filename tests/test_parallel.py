@@ -127,7 +127,7 @@ def _worker(scenario_names, collective="c10d"):
         x_local = torch.randn(world * 6, 8)[rank * 6:(rank + 1) * 6]
         ep = ExpertParallelMoELayer.from_moe_layer(layer)
         ep(x_local), layer(x_local)
-        out["aux_diff"] = abs(float(ep.aux_loss - layer.aux_loss))
+        out["aux_diff"] = abs(float((ep.aux_loss - layer.aux_loss).detach()))
 
         # Bytes: counted from the splits of a forward+backward, summed over ranks.
         ep.comm.reset()
