@@ -1,0 +1,430 @@
+"""Brainy (seed 000): a digit classifier, first dense, then a Mixture of Experts.
+
+The experiments of Part I (chapters 01-04) live here so that the notebooks only tell the story:
+
+* :func:`dense_brainy`, :func:`brainy_moe`, :func:`seed003_soft_moe` build the models;
+* :func:`count_parameters`, :func:`macs_per_sample` measure their size and cost;
+* :func:`gate_gradient_norms`, :func:`gate_snapshot`, :func:`gate_drift` show that a gate learns;
+* :func:`train_digit_specialists` trains "one expert per digit" (chapter 03);
+* :func:`regime_schedule`, :func:`train_regime`, :func:`accuracy_at_every_k` run seed 000's three
+  top-k regimes (chapter 04); :func:`summarize` and :func:`compare_runs` report mean, spread and
+  whether a difference is beyond that spread; :func:`time_top_k` times sparse vs dense inference.
+
+Images are (N, 1, S, S) floats in [0, 1], labels (N,) int64 in 0..9.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._validate import check_choice, check_int, check_positive_float
+from .experts import ConvExpert, MLPExpert
+from .metrics import collapse_report, routing_entropy, specialization, utilization
+from .moe import MoE
+from .routing import SoftmaxRouter, TopKRouter
+from .schedules import constant_k, gradual_detachment
+from .train import collect_routing, evaluate, fit, router_parameters, set_k
+
+__all__ = [
+    "count_parameters",
+    "macs_per_sample",
+    "dense_brainy",
+    "dense_width_for",
+    "FlattenGate",
+    "brainy_moe",
+    "seed003_soft_moe",
+    "gate_gradient_norms",
+    "gate_snapshot",
+    "gate_drift",
+    "train_digit_specialists",
+    "REGIMES",
+    "regime_schedule",
+    "RegimeRun",
+    "train_regime",
+    "accuracy_at_every_k",
+    "summarize",
+    "compare_runs",
+    "time_top_k",
+]
+
+
+# ----------------------------------------------------------------------------- size and cost
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters in ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_parameters: model must be an nn.Module, got {type(model).__name__}")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def macs_per_sample(model: nn.Module, x: torch.Tensor, *args) -> float:
+    """Multiply-adds per sample of every ``nn.Linear`` and ``nn.Conv2d`` that runs in ``model(x)``.
+
+    Counted with forward hooks on a real forward pass (eval mode), so sparse routing counts only the
+    rows an expert actually processed: an MoE with ``dispatch="loop"`` at k=3 of 6 costs about half
+    of the same MoE with ``dispatch="dense"``. Element-wise work (activations, softmax, the weighted
+    sum) is not counted; it is small next to the matrix products.
+
+    x: (N, ...) a batch; the total is divided by N.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"macs_per_sample: x must be a non-empty batch tensor (N, ...), got {getattr(x, 'shape', x)!r}")
+    total = 0
+
+    def linear_hook(mod, inputs, output):
+        nonlocal total
+        rows = inputs[0].numel() // mod.in_features
+        total += rows * mod.in_features * mod.out_features
+
+    def conv_hook(mod, inputs, output):
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += output.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+        elif isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(x, *args)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total / x.shape[0]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def dense_brainy(hidden: int = 128, depth: int = 1, image_size: int = 28, num_classes: int = 10) -> MLPExpert:
+    """The dense baseline: flatten - Linear(S*S, hidden) - GELU - ... - Linear(hidden, 10) logits."""
+    check_int("image_size", image_size, low=1, where="dense_brainy")
+    return MLPExpert(image_size * image_size, hidden, num_classes, depth=depth)
+
+
+def _mlp_params(d_in: int, hidden: int, d_out: int, depth: int) -> int:
+    return d_in * hidden + hidden + (depth - 1) * (hidden * hidden + hidden) + hidden * d_out + d_out
+
+
+def dense_width_for(num_params: int, image_size: int = 28, depth: int = 1, num_classes: int = 10) -> int:
+    """The hidden width whose dense Brainy has the parameter count closest to ``num_params``.
+
+    Used to compare an MoE with a dense net "at equal parameter count".
+    """
+    check_int("num_params", num_params, low=1, where="dense_width_for")
+    d_in = image_size * image_size
+    best, best_gap = 1, math.inf
+    h = 1
+    while True:
+        n = _mlp_params(d_in, h, num_classes, depth)
+        gap = abs(n - num_params)
+        if gap < best_gap:
+            best, best_gap = h, gap
+        if n > num_params:
+            return best
+        h += 1
+
+
+class FlattenGate(nn.Module):
+    """A linear gate reading whole images: flatten - bias-free Linear(S*S, E) -> (N, E) logits.
+
+    Initialised like the package's default gate (normal, std 0.02), so at step 0 it is nearly
+    uniform: the gate "knows nothing" (seed 000's cold start).
+    """
+
+    def __init__(self, in_features: int, num_experts: int, hidden: int | None = None):
+        super().__init__()
+        check_int("in_features", in_features, low=1, where="FlattenGate")
+        check_int("num_experts", num_experts, low=1, where="FlattenGate")
+        self.in_features = in_features
+        if hidden is None:
+            self.net = nn.Linear(in_features, num_experts, bias=False)
+            nn.init.normal_(self.net.weight, std=0.02)
+        else:
+            check_int("hidden", hidden, low=1, where="FlattenGate")
+            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"FlattenGate: input has {x.shape[1]} features (shape {tuple(x.shape)}), expected {self.in_features}")
+        return self.net(x)
+
+
+def brainy_moe(num_experts: int = 6, hidden: int = 32, k: int | None = None, *, image_size: int = 28,
+               expert: str = "mlp", conv_width: int = 32, gate_hidden: int | None = None, combine: str = "probs",
+               dispatch: str = "dense", losses: dict | None = None, num_classes: int = 10) -> MoE:
+    """Brainy as a Mixture of Experts: E whole-image classifiers and a gate reading the same image.
+
+    k=None: a soft gate (``SoftmaxRouter``; every expert, softmax weights). k=int: ``TopKRouter``
+    with k (settable later, e.g. by a k schedule). expert="mlp": ``MLPExpert(S*S, hidden, 10)``;
+    expert="conv": ``ConvExpert(width=conv_width, fc=hidden)`` (FULL mode, to reach 99 %).
+    combine="probs" mixes the experts' probabilities, as seed 000 describes.
+    """
+    where = "brainy_moe"
+    check_int("num_experts", num_experts, low=1, where=where)
+    check_choice("expert", expert, ("mlp", "conv"), where=where)
+    d_in = image_size * image_size
+    if expert == "mlp":
+        experts = [MLPExpert(d_in, hidden, num_classes) for _ in range(num_experts)]
+    else:
+        experts = [ConvExpert(1, num_classes, width=conv_width, fc=hidden, image_size=image_size)
+                   for _ in range(num_experts)]
+    gate = FlattenGate(d_in, num_experts, gate_hidden)
+    if k is None:
+        router = SoftmaxRouter(None, num_experts, gate=gate)
+    else:
+        router = TopKRouter(None, num_experts, k, gate=gate)
+    return MoE(experts, router, dispatch=dispatch, combine=combine, losses=losses)
+
+
+def seed003_soft_moe(num_experts: int = 4, units: int = 32, image_size: int = 28, num_classes: int = 10) -> nn.Sequential:
+    """Seed 003's soft MoE layer, rebuilt in PyTorch, in front of a linear read-out.
+
+    Each expert is one dense layer with ReLU (``units`` features); the gate is a dense layer with
+    a softmax over the experts; the layer returns the gate-weighted sum of the experts' features
+    (``combine="logits"`` sums raw outputs). A final Linear(units, 10) reads the digit out, as the
+    seed's example puts a Dense layer after its MoE layer.
+    """
+    d_in = image_size * image_size
+    experts = [nn.Sequential(nn.Linear(d_in, units), nn.ReLU()) for _ in range(num_experts)]
+    layer = MoE(experts, SoftmaxRouter(d_in, num_experts), dispatch="dense", combine="logits")
+    return nn.Sequential(nn.Flatten(), layer, nn.Linear(units, num_classes))
+
+
+# ----------------------------------------------------------------------------- does the gate learn?
+
+
+def gate_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """One forward/backward of the task loss; L2 norms of the gradients of the gate and of the rest.
+
+    The model's existing ``.grad`` fields are left as they were.
+    """
+    gate = router_parameters(model)
+    if not gate:
+        raise ValueError("gate_gradient_norms: model has no router parameters (no MoE module with a learned gate)")
+    model = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    gate_ids = {id(p) for p in router_parameters(model)}
+    norm = lambda ps: float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in ps if p.grad is not None)))  # noqa: E731
+    return {"gate": norm([p for p in model.parameters() if id(p) in gate_ids]),
+            "experts": norm([p for p in model.parameters() if id(p) not in gate_ids])}
+
+
+def gate_snapshot(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of the gate's parameters (to measure later how far training moved them)."""
+    return [p.detach().clone() for p in router_parameters(model)]
+
+
+def gate_drift(model: nn.Module, snapshot: list[torch.Tensor]) -> float:
+    """||gate now - gate at snapshot|| / ||gate at snapshot||: how far the gate has moved."""
+    now = router_parameters(model)
+    if len(now) != len(snapshot):
+        raise ValueError(f"gate_drift: snapshot has {len(snapshot)} tensors but the model's gate has {len(now)}")
+    diff = math.sqrt(sum(float(((a.detach() - b) ** 2).sum()) for a, b in zip(now, snapshot)))
+    base = math.sqrt(sum(float((b ** 2).sum()) for b in snapshot))
+    return diff / max(base, 1e-12)
+
+
+# ----------------------------------------------------------------------------- one expert per digit
+
+
+def train_digit_specialists(experts, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 3, batch_size: int = 64,
+                            lr: float = 1e-3, seed: int = 0) -> list[dict]:
+    """Train expert i on the images of digit i only (seed 000's first plan); returns per-expert histories.
+
+    Each expert is an ordinary 10-way classifier; it only ever sees label i, so cross-entropy can
+    be driven to zero by answering "i" whatever the image shows ("a world of only 1s").
+    """
+    experts = list(experts)
+    out = []
+    for digit, expert in enumerate(experts):
+        keep = y == digit
+        if not bool(keep.any()):
+            raise ValueError(f"train_digit_specialists: no training image of digit {digit} for expert {digit}")
+        hist = fit(expert, (x[keep], y[keep]), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed + digit,
+                   show_progress=False)
+        out.append({"digit": digit, "images": int(keep.sum()), "final_loss": hist.steps[-1]["task"]})
+    return out
+
+
+# ----------------------------------------------------------------------------- top-k regimes (chapter 04)
+
+#: seed 000's three ways to use top-k: all experts in training; top-k from the first step; k 6,5,4,3,3,3.
+REGIMES = ("helicopter", "tough_love", "gradual")
+
+
+def regime_schedule(regime: str, num_experts: int = 6, k: int = 3):
+    """``epoch -> k`` for one of :data:`REGIMES` (helicopter = E every epoch, tough_love = k every
+    epoch, gradual = E, E-1, ..., k, then k)."""
+    check_choice("regime", regime, REGIMES, where="regime_schedule")
+    check_int("k", k, low=1, high=num_experts, where="regime_schedule")
+    if regime == "helicopter":
+        return constant_k(num_experts)
+    if regime == "tough_love":
+        return constant_k(k)
+    return gradual_detachment(num_experts, k)
+
+
+@dataclass
+class RegimeRun:
+    """One trained model of one regime, with what chapter 04 measures about it."""
+
+    regime: str
+    balance: bool
+    seed: int
+    model: nn.Module
+    history: object
+    seconds: float
+    snapshots: list = field(default_factory=list)  # routing of a probe batch at chosen steps
+    at_k: dict = field(default_factory=dict)  # k -> {"acc", "utilization", "collapsed", ...}
+
+    @property
+    def label(self) -> str:
+        return f"{self.regime}{' + balance' if self.balance else ''}"
+
+
+def _routing_summary(model, x, y, step) -> dict:
+    r = collect_routing(model, x)
+    top1 = r.probs.argmax(-1)
+    return {"step": step, "utilization": utilization(r.mask).tolist(),
+            "top1_share": torch.bincount(top1, minlength=r.probs.shape[1]).float().div(len(top1)).tolist(),
+            "entropy": float(routing_entropy(r.probs)), "specialization": specialization(r.mask, y),
+            "top1_specialization": specialization(F.one_hot(top1, r.probs.shape[1]).bool(), y)}
+
+
+def train_regime(regime: str, train, test, *, balance: bool = False, seed: int = 0, epochs: int = 6,
+                 num_experts: int = 6, k: int = 3, hidden: int = 32, image_size: int = 28, expert: str = "mlp",
+                 batch_size: int = 128, lr: float = 2e-3, balance_losses: dict | None = None,
+                 probe=None, snapshot_steps=(), eval_every_k: bool = True) -> RegimeRun:
+    """Train Brainy-MoE under one regime and evaluate it at every k.
+
+    balance: add the balancing loss ``balance_losses`` (default ``{"importance": 0.1}``, Shazeer et
+    al.'s importance loss; it works at every k, while the Switch loss is constant when k = E).
+    probe: (x, y) images whose routing is recorded at ``snapshot_steps`` (step 0 = before training).
+    """
+    check_choice("regime", regime, REGIMES, where="train_regime")
+    if not isinstance(balance, bool):
+        raise TypeError(f"train_regime: balance must be a bool, got {type(balance).__name__} {balance!r}")
+    losses = (balance_losses or {"importance": 0.1}) if balance else None
+    torch.manual_seed(seed)
+    model = brainy_moe(num_experts, hidden, k=num_experts, image_size=image_size, expert=expert, losses=losses)
+    snapshots = []
+    wanted = sorted(set(int(s) for s in snapshot_steps))
+    if probe is not None and 0 in wanted:
+        snapshots.append(_routing_summary(model, probe[0], probe[1], 0))
+
+    def callback(row, m):
+        step = row["step"] + 1  # steps taken so far
+        if probe is not None and step in wanted:
+            snapshots.append(_routing_summary(m, probe[0], probe[1], step))
+
+    t0 = time.perf_counter()
+    hist = fit(model, train, test=None, epochs=epochs, batch_size=batch_size, lr=lr,
+               k_schedule=regime_schedule(regime, num_experts, k), seed=seed, show_progress=False, callback=callback)
+    seconds = time.perf_counter() - t0
+    run = RegimeRun(regime, balance, seed, model, hist, seconds, snapshots)
+    if eval_every_k:
+        run.at_k = accuracy_at_every_k(model, test)
+    set_k(model, k)
+    return run
+
+
+def accuracy_at_every_k(model: nn.Module, test, ks=None) -> dict:
+    """{k: {"acc", "utilization" (E,), "collapsed", "dead", "load_imbalance"}} on ``test`` = (x, y).
+
+    The model's k is restored afterwards. Nothing is trained.
+    """
+    router = model.router if isinstance(model, MoE) else None
+    if router is None or not hasattr(router, "k"):
+        raise ValueError("accuracy_at_every_k: model must be an MoE with a top-k router (router.k)")
+    E, old_k = router.num_experts, router.k
+    ks = list(range(1, E + 1)) if ks is None else list(ks)
+    out = {}
+    try:
+        for kk in ks:
+            router.k = kk
+            acc = evaluate(model, test)["acc"]
+            rep = collapse_report(collect_routing(model, test[0]).mask)
+            out[kk] = {"acc": acc, "utilization": rep["utilization"], "collapsed": rep["collapsed"],
+                       "dead": rep["dead"], "load_imbalance": rep["load_imbalance"]}
+    finally:
+        router.k = old_k
+    return out
+
+
+# ----------------------------------------------------------------------------- statistics over seeds
+
+
+def summarize(values) -> dict:
+    """mean, sample std (0 for one value), min, max and n of a list of numbers."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("summarize: values is empty; give at least one number")
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+            "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def compare_runs(a, b, name_a: str = "a", name_b: str = "b") -> str:
+    """Which of two groups of per-seed numbers is larger, *beyond the spread*, or neither.
+
+    "beyond the spread" means the two ranges [min, max] do not overlap: every seed of one group
+    beats every seed of the other. With 3 seeds a side this happens by chance 1 time in 10 when
+    there is no real difference (2 / C(6, 3)), so it is a modest bar, not a proof.
+    Returns ``"<name_a> > <name_b>"``, ``"<name_a> < <name_b>"`` or ``"no significant difference"``.
+    """
+    sa, sb = summarize(a), summarize(b)
+    if sa["n"] < 2 or sb["n"] < 2:
+        raise ValueError(f"compare_runs: need at least 2 values per group to see a spread, got {sa['n']} and {sb['n']}")
+    if sa["min"] > sb["max"]:
+        return f"{name_a} > {name_b}"
+    if sb["min"] > sa["max"]:
+        return f"{name_a} < {name_b}"
+    return "no significant difference"
+
+
+# ----------------------------------------------------------------------------- inference cost
+
+
+@torch.no_grad()
+def time_top_k(model: MoE, x: torch.Tensor, k: int, repeats: int = 20) -> dict:
+    """Wall time of top-k inference (``dispatch="loop"``: only the chosen experts run) vs running
+    every expert (``dispatch="dense"``, k = E), on the same batch and weights.
+
+    Returns median seconds of each, their ratio, each run's MACs per sample, and the largest gap
+    between the two outputs' predictions (0 means the sparse run is a faithful top-k model).
+    Interleaves the two so that machine load affects both alike.
+    """
+    if not isinstance(model, MoE) or not hasattr(model.router, "k"):
+        raise ValueError("time_top_k: model must be an MoE with a top-k router")
+    E = model.num_experts
+    check_int("k", k, low=1, high=E, where="time_top_k")
+    check_int("repeats", repeats, low=1, where="time_top_k")
+    sparse, dense = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
+    sparse.dispatch, sparse.router.k = "loop", k
+    dense.dispatch, dense.router.k = "dense", E
+    sparse(x), dense(x)  # warm-up
+    ts, td = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); sparse(x); ts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); dense(x); td.append(time.perf_counter() - t0)
+    return {"k": k, "num_experts": E, "batch": int(x.shape[0]),
+            "top_k_s": statistics.median(ts), "all_s": statistics.median(td),
+            "top_k_times": ts, "all_times": td,
+            "speedup": statistics.median(td) / statistics.median(ts),
+            "macs_top_k": macs_per_sample(sparse, x), "macs_all": macs_per_sample(dense, x)}
