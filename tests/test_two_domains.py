@@ -270,5 +270,21 @@ def test_direction_and_claim_verdict():
     assert claim_verdict(["y", "y"], "x", "y") == "fails"
     assert claim_verdict(["no significant difference"] * 2, "x", "y") == "no significant difference"
     assert claim_verdict(["x", "no significant difference"], "x", "y") == "mixed"
+    assert claim_verdict(["x", "y"], "x", "y") == "mixed"
+    assert claim_verdict(["y", "no significant difference"], "x", "y") == "fails"
+    with pytest.raises(ValueError, match="neither"):
+        claim_verdict(["z"], "x", "y")
     with pytest.raises(ValueError, match="empty"):
         claim_verdict([], "x", "y")
+
+
+def test_seed_loss_trainer_labels_and_applies_the_loss():
+    from tutorial_moe.two_domains import seed_loss_trainer
+
+    train, test = fake_split(32), fake_split(20, seed=1)
+    fn = seed_loss_trainer("dense", train, test, TINY.replace(epochs=1), seed=0)
+    r = fn("variance_literal", 1.0, 0.0)
+    assert r.setting == "variance_literal (alpha=1, beta=0)"
+    assert r.extra["losses"] == {"neg_batch_variance": 1.0, "neg_sample_variance": 0.0}
+    with pytest.raises(ValueError, match="gate"):
+        seed_loss_trainer("oracle", train, test, TINY)

@@ -67,6 +67,15 @@ def test_compute_trains_each_distinct_point_once():
         GateLossGrid.compute("not a function", ALPHAS, BETAS)
 
 
+def test_known_results_are_not_trained_again():
+    trainer = CountingTrainer()
+    known = {("entropy", 0, 0): fake_result("entropy", 0, 0), ("entropy", 0.1, 0.01): fake_result("entropy", 0.1, 0.01)}
+    grid = GateLossGrid.compute(trainer, ALPHAS, BETAS, kinds=("entropy",), known=known, show_progress=False)
+    assert len(grid) == 6 and len(trainer.calls) == 4
+    assert ("entropy", 0.1, 0.01) not in trainer.calls and grid.missing() == []
+    assert grid.fill(trainer, show_progress=False) == 0
+
+
 def test_slider_moves_answer_from_the_grid(grid):
     ex = GateLossExplorer(grid)
     assert ex.shown_key == ("entropy", 0.1, 0.01) and ex.shown_exact  # starts at the seed's setting

@@ -36,7 +36,7 @@ from .train import collect_routing, fit
 __all__ = [
     "GATES", "DOMAINS", "ROUTERS", "OUTCOMES", "LOSS_SETTINGS", "ExperimentConfig", "RunResult",
     "load_data", "build_model", "gate_values", "measure_routing", "domain_gap", "usage_imbalance", "classify_outcome",
-    "frequency_verdict", "paired_difference", "direction", "claim_verdict", "run",
+    "frequency_verdict", "paired_difference", "direction", "claim_verdict", "run", "seed_loss_trainer",
     "run_many", "seed_gate_losses", "outcome_counts", "activation_table_rows", "format_activation_table",
     "class_rate_rows", "summary_rows", "plot_curves", "plot_activation", "mean_std",
 ]
@@ -276,19 +276,26 @@ def direction(comparison: dict, above: str = "a better", below: str = "b better"
 
 
 def claim_verdict(directions, expected: str, opposite: str) -> str:
-    """Verdict on a claim tested by several comparisons: "holds" if every one went the ``expected``
-    way, "fails" if every one went the ``opposite`` way, "no significant difference" if none was
-    beyond the spread, else "mixed"."""
+    """Verdict on a claim tested by several comparisons (e.g. "both MoE models are worse").
+
+    "holds" if every comparison went the ``expected`` way; "mixed" if some did; "no significant
+    difference" if none was beyond the spread; "fails" if none went the expected way and at
+    least one went the ``opposite`` way.
+    """
     directions = list(directions)
     if not directions:
         raise ValueError("claim_verdict: directions is empty")
+    unknown = set(directions) - {expected, opposite, "no significant difference"}
+    if unknown:
+        raise ValueError(f"claim_verdict: directions {sorted(unknown)} are neither {expected!r}, {opposite!r} "
+                         "nor 'no significant difference'")
     if all(d == expected for d in directions):
         return "holds"
-    if all(d == opposite for d in directions):
-        return "fails"
+    if expected in directions:
+        return "mixed"
     if all(d == "no significant difference" for d in directions):
         return "no significant difference"
-    return "mixed"
+    return "fails"
 
 
 def classify_outcome(rates, collapse: float = 0.99, split: float = 0.8, partial: float = 0.2) -> str:
@@ -348,12 +355,14 @@ def _tolist(t):
 
 def run(gate: str, train, test, cfg: ExperimentConfig, *, seed: int = 0, setting: str = "none",
         losses: dict | None = None, router: str | None = None, bias_update_rate: float | None = None,
-        gate_lr: float | None = None, show_progress: bool = False, keep_model: bool = False) -> RunResult:
+        gate_lr: float | None = None, label: str | None = None, show_progress: bool = False,
+        keep_model: bool = False) -> RunResult:
     """Build, train and measure one model.
 
     ``setting`` names an entry of :data:`LOSS_SETTINGS` (router, losses, bias); ``losses``,
     ``router`` and ``bias_update_rate`` override its parts (e.g. the widget's alpha/beta grid).
     ``gate_lr``: a separate learning rate for the gate (seed 004's first improvement).
+    ``label``: the name stored as ``RunResult.setting`` (default: ``setting``).
     The model is seeded by ``seed`` (weights and batch order), so a run repeats exactly on CPU.
     """
     where = "run"
@@ -376,7 +385,7 @@ def run(gate: str, train, test, cfg: ExperimentConfig, *, seed: int = 0, setting
     per_epoch = math.ceil(len(train.x) / cfg.batch_size)
     m_train, m_test = measure_routing(model, train), measure_routing(model, test)
     result = RunResult(
-        gate=gate, setting=setting, seed=seed,
+        gate=gate, setting=setting if label is None else str(label), seed=seed,
         step_epochs=[(row["step"] + 1) / per_epoch for row in hist.steps],
         train_acc_steps=[row["train_acc"] for row in hist.steps],
         test_acc_epochs=[row["test_acc"] for row in hist.epochs],
@@ -391,6 +400,19 @@ def run(gate: str, train, test, cfg: ExperimentConfig, *, seed: int = 0, setting
     if keep_model:
         result.extra["model"] = model  # not JSON-able; for inspection in a notebook only
     return result
+
+
+def seed_loss_trainer(gate: str, train, test, cfg: ExperimentConfig, seed: int = 0):
+    """A function ``(kind, alpha, beta) -> RunResult`` training ``gate`` with seed 004's gate loss
+    ``seed_gate_losses(kind, alpha, beta)`` on the soft gate (for the chapter 06 explorer)."""
+    check_choice("gate", gate, ("conv", "dense"), where="seed_loss_trainer")
+
+    def train_fn(kind: str, alpha: float, beta: float) -> RunResult:
+        losses = seed_gate_losses(kind, alpha, beta)
+        return run(gate, train, test, cfg, seed=seed, setting="none", losses=losses,
+                   label=f"{kind} (alpha={alpha:g}, beta={beta:g})")
+
+    return train_fn
 
 
 def run_many(gates, seeds, train, test, cfg: ExperimentConfig, *, show_progress: bool = True, **kwargs) -> list[RunResult]:

@@ -85,16 +85,28 @@ class GateLossGrid:
         return out
 
     @classmethod
-    def compute(cls, train_fn, alphas, betas, kinds=LOSS_KINDS, show_progress: bool = True) -> "GateLossGrid":
-        """Call ``train_fn(kind, alpha, beta)`` once per distinct grid point."""
+    def compute(cls, train_fn, alphas, betas, kinds=LOSS_KINDS, known: dict | None = None,
+                show_progress: bool = True) -> "GateLossGrid":
+        """Call ``train_fn(kind, alpha, beta)`` once per distinct grid point not already in ``known``
+        (``{(kind, alpha, beta): result}``, e.g. runs a chapter has made anyway)."""
+        grid = cls(alphas, betas, kinds, results=known)
+        grid.fill(train_fn, show_progress=show_progress)
+        return grid
+
+    def missing(self) -> list[tuple[str, float, float]]:
+        """Grid points that have no result yet."""
+        return [key for key in self.points() if key not in self.results]
+
+    def fill(self, train_fn, show_progress: bool = True) -> int:
+        """Train every missing grid point with ``train_fn(kind, alpha, beta)``; returns how many ran."""
         from ..runtime import progress
 
         if not callable(train_fn):
-            raise TypeError(f"GateLossGrid.compute: train_fn must be callable, got {type(train_fn).__name__}")
-        grid = cls(alphas, betas, kinds)
-        for key in progress(grid.points(), desc="grid", disable=not show_progress):
-            grid.add(key, train_fn(*key))
-        return grid
+            raise TypeError(f"GateLossGrid.fill: train_fn must be callable, got {type(train_fn).__name__}")
+        todo = self.missing()
+        for key in progress(todo, desc="grid", disable=not show_progress):
+            self.add(key, train_fn(*key))
+        return len(todo)
 
     def add(self, key, result) -> None:
         self.results[grid_key(*key)] = result
