@@ -127,13 +127,14 @@ def store_executed(
     """
     nb = source_notebook(source_path(path))
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    hint = f"is the .ipynb twin in sync? `jupytext --sync {source_path(path)}`"
     if len(code) != len(cells):
         raise ValueError(
-            f"{path}: {len(cells)} executed code cells, but the book's source has {len(code)}"
+            f"{path}: {len(cells)} executed code cells, but the book's source has {len(code)}; {hint}"
         )
     for number, (cell, (source, outputs)) in enumerate(zip(code, cells), start=1):
         if cell.source.strip() != source.strip():
-            raise ValueError(f"{path}: code cell {number} differs from the book's source")
+            raise ValueError(f"{path}: code cell {number} differs from the book's source; {hint}")
         cell.execution_count = number
         cell.outputs = []
         for output in outputs:
