@@ -12,6 +12,8 @@ of weighted auxiliary losses, for logging) and ``aux_loss`` (their sum, to add t
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +27,16 @@ from .routing import ExpertChoiceRouter, Routing, TopKRouter
 __all__ = ["MoELayer", "MoE", "SoftMoELayer", "moe_modules", "total_aux_loss"]
 
 _EXPERT_KINDS = ("mlp", "swiglu")
+
+
+def _profiler_label(name: str):
+    """A torch.profiler range (tutorial_moe.debugging.profile_training reads them), entered only while
+    a profiler runs: an idle ``record_function`` costs about as much as a small matmul."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
 _DEFAULT_LOSSES = {"switch": 0.01}
 
 
@@ -100,10 +112,13 @@ class MoELayer(_AuxMixin, nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.d_model)
         flat_ids = None if ids is None else torch.as_tensor(ids, device=x.device).reshape(-1)
-        routing = self.router(flat, flat_ids)
-        out = run_dispatch(self.dispatch, self.experts, flat, routing)
-        y_all = self.experts.forward_all(flat) if self.losses.get("diversity", 0) > 0 else None
-        self._set_aux(routing, y_all)
+        with _profiler_label("moe.router"):
+            routing = self.router(flat, flat_ids)
+        with _profiler_label("moe.dispatch"):
+            out = run_dispatch(self.dispatch, self.experts, flat, routing)
+        with _profiler_label("moe.aux_losses"):
+            y_all = self.experts.forward_all(flat) if self.losses.get("diversity", 0) > 0 else None
+            self._set_aux(routing, y_all)
         return out.reshape(*lead, self.d_model)
 
 

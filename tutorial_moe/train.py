@@ -158,6 +158,7 @@ def fit(
     show_progress: bool = True,
     callback=None,
     max_steps: int | None = None,
+    stop_on: str = "test_acc",
 ) -> History:
     """Train ``model`` with Adam on ``train`` = (x, y) or (x, y, ids); evaluate on ``test`` each epoch.
 
@@ -170,6 +171,8 @@ def fit(
         temperature_schedule: ``step -> temperature`` applied to every router.
         callback: ``callback(step_row, model)`` after every step (for live plots or extra logging).
         max_steps: stop after this many optimiser steps in total (for quick demos).
+        stop_on: what early stopping watches: "test_acc" (higher is better, the default) or
+            "test_loss" (lower is better; use it for regression, where there is no accuracy).
 
     Raises ``FloatingPointError`` naming the step and each loss part if the loss is not finite.
     Same seed, same data, CPU: bit-identical history and weights.
@@ -190,6 +193,8 @@ def fit(
         if test is None:
             raise ValueError(f"fit: early_stopping={early_stopping} needs test data to watch, but test=None; "
                              "pass test=(x, y)")
+    if stop_on not in ("test_acc", "test_loss"):
+        raise ValueError(f"fit: stop_on={stop_on!r} is unknown; choose 'test_acc' or 'test_loss'")
     if max_steps is not None:
         check_int("max_steps", max_steps, low=1, where=where)
 
@@ -238,8 +243,8 @@ def fit(
             if clip_grad is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
             opt.step()
-            row = {"step": step, "epoch": epoch, "loss": float(loss), "task": float(task),
-                   "train_acc": correct / seen, **{k: float(v) for k, v in aux.items()}}
+            row = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "task": float(task.detach()),
+                   "train_acc": correct / seen, **{k: float(v.detach()) for k, v in aux.items()}}
             if grad_norm is not None:
                 row["grad_norm"] = grad_norm
             if mods:
@@ -253,7 +258,7 @@ def fit(
             if max_steps is not None and step >= max_steps:
                 break
         erow = {"epoch": epoch, "train_acc": correct / max(seen, 1), "seconds": time.perf_counter() - t0}
-        if mods and hasattr(mods[0].router, "k"):
+        if mods and hasattr(getattr(mods[0], "router", None), "k"):  # Soft MoE has no router
             erow["k"] = mods[0].router.k
         if test is not None:
             ev = evaluate(model, test, loss_fn=loss_fn, device=dev)
@@ -261,8 +266,10 @@ def fit(
             bar.set_postfix(test_acc=f"{ev['acc']:.3f}")
         hist.epochs.append(erow)
         if early_stopping is not None:
-            if erow["test_acc"] > best_acc:
-                best_acc, bad_epochs, hist.best_epoch = erow["test_acc"], 0, epoch
+            # Score to maximise: accuracy, or minus the loss (so one comparison serves both).
+            score = erow["test_acc"] if stop_on == "test_acc" else -erow["test_loss"]
+            if best_state is None or score > best_acc:
+                best_acc, bad_epochs, hist.best_epoch = score, 0, epoch
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 bad_epochs += 1
