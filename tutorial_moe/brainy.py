@@ -44,6 +44,8 @@ __all__ = [
     "gate_snapshot",
     "gate_drift",
     "train_digit_specialists",
+    "routing_summary",
+    "RoutingTrace",
     "REGIMES",
     "regime_schedule",
     "RegimeRun",
@@ -299,13 +301,48 @@ class RegimeRun:
         return f"{self.regime}{' + balance' if self.balance else ''}"
 
 
-def _routing_summary(model, x, y, step) -> dict:
+def routing_summary(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int | None = None) -> dict:
+    """How ``model``'s (first) MoE routes the images ``x`` with labels ``y`` (eval mode, no training).
+
+    utilization (E,): share of routed pairs per expert; top1_share (E,): share of images whose
+    highest-weight expert is e; entropy: mean routing entropy in nats (ln E = undecided);
+    specialization: NMI between routed experts and labels; top1_specialization: the same for the
+    top-1 expert only (meaningful also for a soft gate, whose mask routes every image everywhere);
+    top_k_mass (k -> mean gate probability held by each image's k best experts).
+    """
     r = collect_routing(model, x)
+    E = r.probs.shape[1]
     top1 = r.probs.argmax(-1)
+    ranked = r.probs.sort(-1, descending=True).values.cumsum(-1)
     return {"step": step, "utilization": utilization(r.mask).tolist(),
-            "top1_share": torch.bincount(top1, minlength=r.probs.shape[1]).float().div(len(top1)).tolist(),
+            "top1_share": torch.bincount(top1, minlength=E).float().div(len(top1)).tolist(),
             "entropy": float(routing_entropy(r.probs)), "specialization": specialization(r.mask, y),
-            "top1_specialization": specialization(F.one_hot(top1, r.probs.shape[1]).bool(), y)}
+            "top1_specialization": specialization(F.one_hot(top1, E).bool(), y),
+            "top_k_mass": {k + 1: float(ranked[:, k].mean()) for k in range(E)}}
+
+
+class RoutingTrace:
+    """A ``fit`` callback that records :func:`routing_summary` of a probe batch at chosen steps.
+
+    ``trace = RoutingTrace(x, y, steps=[0, 10, 100])``; call ``trace.start(model)`` before training
+    (step 0, the untrained gate), pass ``callback=trace`` to ``fit``; read ``trace.rows``.
+    Step s means "after s optimiser steps".
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps):
+        self.x, self.y = x, y
+        self.steps = sorted({check_int("step", int(s), low=0, where="RoutingTrace") for s in steps})
+        self.rows: list[dict] = []
+
+    def start(self, model: nn.Module) -> "RoutingTrace":
+        if 0 in self.steps:
+            self.rows.append(routing_summary(model, self.x, self.y, 0))
+        return self
+
+    def __call__(self, row: dict, model: nn.Module) -> None:
+        step = row["step"] + 1
+        if step in self.steps:
+            self.rows.append(routing_summary(model, self.x, self.y, step))
 
 
 def train_regime(regime: str, train, test, *, balance: bool = False, seed: int = 0, epochs: int = 6,
@@ -324,21 +361,12 @@ def train_regime(regime: str, train, test, *, balance: bool = False, seed: int =
     losses = (balance_losses or {"importance": 0.1}) if balance else None
     torch.manual_seed(seed)
     model = brainy_moe(num_experts, hidden, k=num_experts, image_size=image_size, expert=expert, losses=losses)
-    snapshots = []
-    wanted = sorted(set(int(s) for s in snapshot_steps))
-    if probe is not None and 0 in wanted:
-        snapshots.append(_routing_summary(model, probe[0], probe[1], 0))
-
-    def callback(row, m):
-        step = row["step"] + 1  # steps taken so far
-        if probe is not None and step in wanted:
-            snapshots.append(_routing_summary(m, probe[0], probe[1], step))
-
+    trace = None if probe is None else RoutingTrace(probe[0], probe[1], snapshot_steps).start(model)
     t0 = time.perf_counter()
     hist = fit(model, train, test=None, epochs=epochs, batch_size=batch_size, lr=lr,
-               k_schedule=regime_schedule(regime, num_experts, k), seed=seed, show_progress=False, callback=callback)
+               k_schedule=regime_schedule(regime, num_experts, k), seed=seed, show_progress=False, callback=trace)
     seconds = time.perf_counter() - t0
-    run = RegimeRun(regime, balance, seed, model, hist, seconds, snapshots)
+    run = RegimeRun(regime, balance, seed, model, hist, seconds, [] if trace is None else trace.rows)
     if eval_every_k:
         run.at_k = accuracy_at_every_k(model, test)
     set_k(model, k)
