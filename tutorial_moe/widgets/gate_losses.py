@@ -167,7 +167,7 @@ def grid_animation(grid: GateLossGrid, keys=None, interval_ms: int = 900):
     keys = [k for k in (grid.points() if keys is None else [grid_key(*k) for k in keys]) if k in grid]
     if not keys:
         raise ValueError("grid_animation: none of the requested grid points has a result")
-    fig = plt.figure(figsize=(9, 2.8), dpi=70)
+    fig = plt.figure(figsize=(9, 2.8), dpi=60)
 
     def draw(i):
         plot_setting(grid[keys[i]], keys[i], fig=fig)
