@@ -43,6 +43,7 @@ __all__ = [
     "gate_gradient_norms",
     "gate_snapshot",
     "gate_drift",
+    "auroc",
     "train_digit_specialists",
     "routing_summary",
     "RoutingTrace",
@@ -244,6 +245,31 @@ def gate_drift(model: nn.Module, snapshot: list[torch.Tensor]) -> float:
 
 
 # ----------------------------------------------------------------------------- one expert per digit
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve: the chance that a random positive scores above a random negative
+    (ties count one half). 0.5 = the score cannot tell the two apart, 1.0 = it separates them.
+
+    scores (N,) floats, positive (N,) bool with at least one positive and one negative.
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    positive = torch.as_tensor(positive).flatten()
+    if positive.dtype != torch.bool or positive.shape != scores.shape:
+        raise ValueError(f"auroc: positive must be a bool tensor shaped like scores {tuple(scores.shape)}, "
+                         f"got {positive.dtype} {tuple(positive.shape)}")
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"auroc: needs both classes, got {n_pos} positives and {n_neg} negatives")
+    # Mann-Whitney U from average ranks (ties share their mean rank).
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    uniq, inverse = scores.unique(return_inverse=True)
+    mean_rank = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    mean_rank /= torch.bincount(inverse, minlength=len(uniq)).double()
+    u = mean_rank[inverse][positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
 
 
 def train_digit_specialists(experts, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 3, batch_size: int = 64,
