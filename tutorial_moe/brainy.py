@@ -48,6 +48,7 @@ __all__ = [
     "routing_summary",
     "RoutingTrace",
     "REGIMES",
+    "BALANCE_LOSSES",
     "regime_schedule",
     "RegimeRun",
     "train_regime",
@@ -296,6 +297,9 @@ def train_digit_specialists(experts, x: torch.Tensor, y: torch.Tensor, *, epochs
 #: seed 000's three ways to use top-k: all experts in training; top-k from the first step; k 6,5,4,3,3,3.
 REGIMES = ("helicopter", "tough_love", "gradual")
 
+#: the balancing losses of chapter 04's "+ balance" runs (see :func:`train_regime`).
+BALANCE_LOSSES = {"switch": 0.05, "importance": 0.05}
+
 
 def regime_schedule(regime: str, num_experts: int = 6, k: int = 3):
     """``epoch -> k`` for one of :data:`REGIMES` (helicopter = E every epoch, tough_love = k every
@@ -377,14 +381,16 @@ def train_regime(regime: str, train, test, *, balance: bool = False, seed: int =
                  probe=None, snapshot_steps=(), eval_every_k: bool = True) -> RegimeRun:
     """Train Brainy-MoE under one regime and evaluate it at every k.
 
-    balance: add the balancing loss ``balance_losses`` (default ``{"importance": 0.1}``, Shazeer et
-    al.'s importance loss; it works at every k, while the Switch loss is constant when k = E).
+    balance: add the balancing losses ``balance_losses``, by default :data:`BALANCE_LOSSES`: Switch's
+    loss (arXiv 2101.03961) pushes probability off busy experts, reaching even experts that are never
+    chosen, but it is a constant when k = E (every expert is in every mask); Shazeer et al.'s
+    importance loss (arXiv 1701.06538) acts on the combine weights, so it also works when k = E.
     probe: (x, y) images whose routing is recorded at ``snapshot_steps`` (step 0 = before training).
     """
     check_choice("regime", regime, REGIMES, where="train_regime")
     if not isinstance(balance, bool):
         raise TypeError(f"train_regime: balance must be a bool, got {type(balance).__name__} {balance!r}")
-    losses = (balance_losses or {"importance": 0.1}) if balance else None
+    losses = dict(balance_losses or BALANCE_LOSSES) if balance else None
     torch.manual_seed(seed)
     model = brainy_moe(num_experts, hidden, k=num_experts, image_size=image_size, expert=expert, losses=losses)
     trace = None if probe is None else RoutingTrace(probe[0], probe[1], snapshot_steps).start(model)
@@ -460,9 +466,8 @@ def time_top_k(model: MoE, x: torch.Tensor, k: int, repeats: int = 20) -> dict:
     """Wall time of top-k inference (``dispatch="loop"``: only the chosen experts run) vs running
     every expert (``dispatch="dense"``, k = E), on the same batch and weights.
 
-    Returns median seconds of each, their ratio, each run's MACs per sample, and the largest gap
-    between the two outputs' predictions (0 means the sparse run is a faithful top-k model).
-    Interleaves the two so that machine load affects both alike.
+    Returns the median seconds of each (and every repeat's time), their ratio ("speedup") and each
+    one's MACs per sample. The two are interleaved so that changing machine load affects both alike.
     """
     if not isinstance(model, MoE) or not hasattr(model.router, "k"):
         raise ValueError("time_top_k: model must be an MoE with a top-k router")
