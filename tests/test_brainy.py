@@ -381,3 +381,17 @@ def test_time_top_k_counts_and_leaves_model_alone():
 def test_module_exports_exist():
     for name in brainy.__all__:
         assert hasattr(brainy, name), name
+
+
+def test_train_schedule_follows_any_schedule():
+    from tutorial_moe.brainy import train_schedule
+    train, test = images(48, seed=1), images(16, seed=2)
+    run = train_schedule([4, 2, 1], train, test, num_experts=4, hidden=3, image_size=S, batch_size=16)
+    assert [e["k"] for e in run.history.epochs] == [4, 2, 1]
+    assert run.model.router.k == 1 and run.regime == "custom" and sorted(run.at_k) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"ks\[1\]"):
+        train_schedule([4, 5], train, test, num_experts=4, image_size=S)
+    with pytest.raises(ValueError, match="empty"):
+        train_schedule([], train, test)
+    with pytest.raises(TypeError, match="ks"):
+        train_schedule("6,3", train, test)

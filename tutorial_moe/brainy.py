@@ -29,7 +29,7 @@ from .experts import ConvExpert, MLPExpert
 from .metrics import collapse_report, routing_entropy, specialization, utilization
 from .moe import MoE
 from .routing import SoftmaxRouter, TopKRouter
-from .schedules import constant_k, gradual_detachment
+from .schedules import constant_k, gradual_detachment, k_per_epoch
 from .train import collect_routing, evaluate, fit, router_parameters, set_k
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "regime_schedule",
     "RegimeRun",
     "train_regime",
+    "train_schedule",
     "accuracy_at_every_k",
     "summarize",
     "compare_runs",
@@ -379,24 +380,52 @@ def train_regime(regime: str, train, test, *, balance: bool = False, seed: int =
                  num_experts: int = 6, k: int = 3, hidden: int = 32, image_size: int = 28, expert: str = "mlp",
                  batch_size: int = 128, lr: float = 2e-3, balance_losses: dict | None = None,
                  probe=None, snapshot_steps=(), eval_every_k: bool = True) -> RegimeRun:
-    """Train Brainy-MoE under one regime and evaluate it at every k.
+    """Train Brainy-MoE under one of :data:`REGIMES` and evaluate it at every k.
 
     balance: add the balancing losses ``balance_losses``, by default :data:`BALANCE_LOSSES`: Switch's
     loss (arXiv 2101.03961) pushes probability off busy experts, reaching even experts that are never
     chosen, but it is a constant when k = E (every expert is in every mask); Shazeer et al.'s
     importance loss (arXiv 1701.06538) acts on the combine weights, so it also works when k = E.
     probe: (x, y) images whose routing is recorded at ``snapshot_steps`` (step 0 = before training).
+    The returned model is left at the inference k.
     """
     check_choice("regime", regime, REGIMES, where="train_regime")
+    schedule = regime_schedule(regime, num_experts, k)
+    return _train_moe(regime, [schedule(e) for e in range(epochs)], train, test, balance=balance, seed=seed,
+                      num_experts=num_experts, k=k, hidden=hidden, image_size=image_size, expert=expert,
+                      batch_size=batch_size, lr=lr, balance_losses=balance_losses, probe=probe,
+                      snapshot_steps=snapshot_steps, eval_every_k=eval_every_k, where="train_regime")
+
+
+def train_schedule(ks, train, test, *, k: int | None = None, num_experts: int = 6, **kwargs) -> RegimeRun:
+    """Train Brainy-MoE with training k = ``ks[epoch]`` for ``len(ks)`` epochs (any schedule, e.g.
+    ``[6, 4, 3]``), then evaluate at every k. ``k`` is the inference k the model is left at (default:
+    the schedule's last value). Other keyword arguments as in :func:`train_regime`.
+    """
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"train_schedule: ks must be a list of ints, got {type(ks).__name__} {ks!r}")
+    ks = list(ks)
+    if not ks:
+        raise ValueError("train_schedule: ks is empty; give one k per epoch, e.g. [6, 5, 4, 3]")
+    for i, kk in enumerate(ks):
+        check_int(f"ks[{i}]", kk, low=1, high=num_experts, where="train_schedule")
+    k = ks[-1] if k is None else k
+    return _train_moe("custom", ks, train, test, k=k, num_experts=num_experts, where="train_schedule", **kwargs)
+
+
+def _train_moe(regime, ks, train, test, *, balance=False, seed=0, num_experts=6, k=3, hidden=32, image_size=28,
+               expert="mlp", batch_size=128, lr=2e-3, balance_losses=None, probe=None, snapshot_steps=(),
+               eval_every_k=True, where="train_regime") -> RegimeRun:
     if not isinstance(balance, bool):
-        raise TypeError(f"train_regime: balance must be a bool, got {type(balance).__name__} {balance!r}")
+        raise TypeError(f"{where}: balance must be a bool, got {type(balance).__name__} {balance!r}")
+    check_int("k", k, low=1, high=num_experts, where=where)
     losses = dict(balance_losses or BALANCE_LOSSES) if balance else None
     torch.manual_seed(seed)
-    model = brainy_moe(num_experts, hidden, k=num_experts, image_size=image_size, expert=expert, losses=losses)
+    model = brainy_moe(num_experts, hidden, k=ks[0], image_size=image_size, expert=expert, losses=losses)
     trace = None if probe is None else RoutingTrace(probe[0], probe[1], snapshot_steps).start(model)
     t0 = time.perf_counter()
-    hist = fit(model, train, test=None, epochs=epochs, batch_size=batch_size, lr=lr,
-               k_schedule=regime_schedule(regime, num_experts, k), seed=seed, show_progress=False, callback=trace)
+    hist = fit(model, train, test=None, epochs=len(ks), batch_size=batch_size, lr=lr, k_schedule=k_per_epoch(ks),
+               seed=seed, show_progress=False, callback=trace)
     seconds = time.perf_counter() - t0
     run = RegimeRun(regime, balance, seed, model, hist, seconds, [] if trace is None else trace.rows)
     if eval_every_k:
