@@ -48,8 +48,11 @@ def test_dashboard_panel_subset_and_overlaid_runs():
     fig = plot_dashboard({"healthy": _records(), "collapse": _records(collapse=True)},
                          panels=["utilization", "entropy"])
     assert len(fig.axes) == 2
-    labels = fig.axes[0].get_legend_handles_labels()[1]
-    assert "healthy: busiest" in labels and "collapse: idlest" in labels
+    util = fig.axes[0]
+    assert util.get_legend() is not None and fig.axes[1].get_legend() is None  # one legend names the runs
+    assert [t.get_text() for t in util.get_legend().get_texts()] == ["healthy", "collapse"]
+    assert len(util.lines) == 2 * 2 + 2  # busiest and idlest per run, fair-share line per run
+    assert "busiest" in util.get_title()
 
 
 def test_dashboard_accepts_a_fit_history_and_a_monitor_like_object():

@@ -192,12 +192,13 @@ class ProfileSummary:
 @contextlib.contextmanager
 def _quiet_stderr():
     # The profiler's C++ backend logs start/stop lines (and a GPU probe error on CPU-only machines)
-    # straight to file descriptor 2; hide them so notebook output shows only the tables.
+    # straight to file descriptor 2 (not via sys.stderr, which Jupyter replaces); hide them so the
+    # notebook shows only the tables. Python-level stderr is left alone.
+    fd = 2
     try:
-        fd = sys.stderr.fileno()
+        sys.stderr.flush()
     except (AttributeError, OSError, ValueError):
-        fd = 2
-    sys.stderr.flush()
+        pass
     saved = os.dup(fd)
     try:
         with open(os.devnull, "w") as devnull:

@@ -64,7 +64,8 @@ def plot_dashboard(runs, panels=None, title: str | None = None, ncols: int = 4, 
         num_experts: draws ln(E) on the entropy panel (the entropy of a router that cannot decide).
 
     With one run, the utilisation panel has one line per expert (the fair share 1/E dashed); with
-    several, it shows each run's busiest and idlest expert. Returns the Figure.
+    several, it shows each run's busiest (solid) and idlest (dotted) expert, and only the first panel
+    has a legend. Returns the Figure.
     """
     import matplotlib.pyplot as plt  # noqa: F401 - imported for its side effect of choosing a backend
 
@@ -96,8 +97,8 @@ def plot_dashboard(runs, panels=None, title: str | None = None, ncols: int = 4, 
                         ax.plot(steps, [p[1][e] for p in pts], lw=1)
                     ax.axhline(1 / E, color="k", ls="--", lw=0.8, label="fair share 1/E")
                 else:
-                    ax.plot(steps, [max(p[1]) for p in pts], color=colors[i % 10], lw=1.3, label=f"{name}: busiest")
-                    ax.plot(steps, [min(p[1]) for p in pts], color=colors[i % 10], lw=1, ls=":", label=f"{name}: idlest")
+                    ax.plot(steps, [max(p[1]) for p in pts], color=colors[i % 10], lw=1.3, label=name)
+                    ax.plot(steps, [min(p[1]) for p in pts], color=colors[i % 10], lw=1, ls=":")
                     ax.axhline(1 / E, color="k", ls="--", lw=0.8)
             else:
                 ax.plot(steps, [p[1] for p in pts], color=colors[i % 10], lw=1.3,
@@ -110,12 +111,15 @@ def plot_dashboard(runs, panels=None, title: str | None = None, ncols: int = 4, 
             ax.axhline(math.log(num_experts), color="k", ls="--", lw=0.8, label="ln E (undecided)")
         if key == "load_imbalance":
             ax.axhline(1.0, color="k", ls="--", lw=0.8, label="perfect balance")
+        if key == "utilization" and len(data) > 1:
+            head = head + " (solid: busiest, dotted: idlest)"
         ax.set_title(head, fontsize=9)
         ax.set_xlabel("training step", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         handles, labels = ax.get_legend_handles_labels()
-        if handles and any(labels):
+        # Several runs: one legend (on the first panel) names them all; more would hide the curves.
+        if handles and any(labels) and (len(data) == 1 or ax is axes[0]):
             ax.legend(fontsize=6, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -143,6 +147,9 @@ def plot_lines(x, series: dict, xlabel: str, ylabel: str, title: str, logx: bool
         ax.axhline(hline, color="k", ls="--", lw=0.8)
     if logx:
         ax.set_xscale("log")
+        ax.minorticks_off()  # label the swept values themselves, not the decades
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([f"{v:g}" for v in x], fontsize=7)
     ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
