@@ -14,10 +14,13 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=".venv/.tutorial_moe-$extra.stamp"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
-  echo "setup: .venv already satisfies [$extra]"
-  exit 0
-fi
+# [test] includes every [book] dependency, so a satisfied [test] also satisfies [book].
+for satisfied in "$stamp" .venv/.tutorial_moe-test.stamp; do
+  if [[ -f "$satisfied" && "$(cat "$satisfied")" == "$want" ]]; then
+    echo "setup: .venv already satisfies [$extra]"
+    exit 0
+  fi
+done
 echo "setup: installing tutorial_moe[$extra] into .venv (first time: several minutes, torch is large)"
 # The local mirrors print one harmless 'is ignored' warning per package: keep the log readable.
 .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[$extra]" 2>&1 \

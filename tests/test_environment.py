@@ -54,3 +54,9 @@ def test_pyproject_never_asks_for_a_torch_newer_than_this_machine_has():
     deps = pyproject_requirements()
     assert Requirement("torch" + deps["torch"]).specifier.contains("2.14.1")
     assert Requirement("torchvision" + deps["torchvision"]).specifier.contains("0.29.1")
+
+
+def test_test_extra_includes_the_book_extra():
+    # scripts/setup.sh counts a satisfied [test] install as a satisfied [book] install.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    assert set(requirements(extras["book"]).items()) <= set(requirements(extras["test"]).items())
