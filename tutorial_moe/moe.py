@@ -61,7 +61,8 @@ class MoELayer(_AuxMixin, nn.Module):
         capacity_factor: None (no dropping) or > 0 (capacity ceil(cf * T * k / E) per expert).
         router: a router module to use instead of the default ``TopKRouter`` (its ``num_experts``
             must equal E; its own k/capacity then apply).
-        noisy, temperature: passed to the default ``TopKRouter``.
+        noisy, temperature: passed to the default ``TopKRouter`` (which renormalises the k weights
+            when k > 1 and keeps the raw probability when k = 1, as Switch does).
         losses: ``{name: weight}`` auxiliary losses (see ``tutorial_moe.losses.LOSSES``);
             default ``{"switch": 0.01}``.
 
@@ -82,8 +83,10 @@ class MoELayer(_AuxMixin, nn.Module):
         self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES, where=where)
         self.losses = check_loss_weights(_DEFAULT_LOSSES if losses is None else losses, where)
         if router is None:
+            # k=1 keeps the raw probability as the weight (Switch): renormalising a single weight
+            # makes it exactly 1, and the router would get no gradient from the task loss.
             router = TopKRouter(d_model, num_experts, k, noisy=noisy, temperature=temperature,
-                                capacity_factor=capacity_factor)
+                                capacity_factor=capacity_factor, normalize=k > 1)
         else:
             if not isinstance(router, nn.Module):
                 raise TypeError(f"{where}: router must be an nn.Module returning Routing, got {type(router).__name__}")

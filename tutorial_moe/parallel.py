@@ -302,7 +302,8 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
         self.rank, self.world_size = _group_info(group)
         self.expert_ids = expert_shard(num_experts, self.world_size, self.rank)
         if router is None:
-            router = TopKRouter(d_model, num_experts, k, temperature=temperature, capacity_factor=capacity_factor)
+            router = TopKRouter(d_model, num_experts, k, temperature=temperature, capacity_factor=capacity_factor,
+                                normalize=k > 1)  # as MoELayer: k=1 keeps the raw probability (Switch)
         else:
             if not isinstance(router, nn.Module):
                 raise TypeError(f"{where}: router must be an nn.Module returning Routing, got {type(router).__name__}")
