@@ -111,3 +111,14 @@ def test_bad_arguments_name_themselves():
         build_corpus(10)
     with pytest.raises(TypeError, match="batch_size"):
         sample_batch(build_corpus(1000).train, 2.0, 8)
+
+
+def test_check_arithmetic_scores_complete_lines():
+    from tutorial_moe.corpus import check_arithmetic
+
+    text = "3=4\n12+7=19\n5*6=31\n9-12=-3\nhello\n7*7=4"
+    assert check_arithmetic(text) == {"lines": 4, "well_formed": 3, "correct": 2}
+    r = check_arithmetic(arithmetic_text(500, seed=4) + "x")  # real arithmetic: every line true
+    assert r["correct"] == r["well_formed"] == r["lines"] > 20
+    with pytest.raises(TypeError, match="text must be a str"):
+        check_arithmetic(None)

@@ -148,3 +148,17 @@ def test_gradient_reach_dense_moe_and_smoe_against_the_routing():
     assert len(rows) == 2 and 0 < rows[0]["mean_reach"] < 1
     assert rows[0]["token_updates_per_unit"] == pytest.approx(rows[0]["mean_reach"] * 1000)
     assert all(p.grad is None for p in smoe.parameters())  # it cleans up after itself
+
+
+def test_random_router_draws_from_the_global_generator_and_covers_all_masks():
+    layer = SMoELayer(8, 16, 4, router="random")
+    x = torch.randn(400, 8)
+    torch.manual_seed(5)
+    a = layer(x)
+    first = layer.last_routing.mask.clone()
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), a) and torch.equal(layer.last_routing.mask, first)
+    counts = first.sum(0)
+    assert (first.sum(1) == 1).all() and (counts > 60).all()  # ~100 each of 400; 60 is > 4 sd below
+    model = TinyLM(TINY.replace(ffn="moe", router="random"))
+    assert type(ffn_modules(model)[0].router).__name__ == "RandomRouter"

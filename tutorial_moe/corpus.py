@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,7 @@ from ._validate import check_int, check_positive_float
 
 __all__ = [
     "DOMAINS", "CHAR_CLASSES", "VOCAB", "VOCAB_SIZE", "CODE_MODULES",
-    "encode", "decode", "char_classes", "prose_text", "code_text", "arithmetic_text",
+    "encode", "decode", "char_classes", "prose_text", "code_text", "arithmetic_text", "check_arithmetic",
     "TextSplit", "Corpus", "build_corpus", "sample_batch", "eval_windows",
 ]
 
@@ -124,6 +125,29 @@ def arithmetic_text(num_chars: int, seed: int = 0, max_operand: int = 99) -> str
         lines.append(line)
         n += len(line)
     return "".join(lines)
+
+
+_EQUATION = re.compile(r"^(-?\d{1,3})([+*-])(-?\d{1,3})=(-?\d{1,6})$")
+
+
+def check_arithmetic(text: str) -> dict:
+    """Score generated arithmetic: of the complete lines shaped like ``a+b=c`` (operators + - *),
+    how many are true. Returns ``{"lines": complete lines, "well_formed": n, "correct": n}``.
+
+    The first and last lines are skipped (they may be a prompt fragment or cut off mid-way).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"check_arithmetic: text must be a str, got {type(text).__name__}")
+    lines = text.split("\n")[1:-1]
+    well_formed = correct = 0
+    for line in lines:
+        m = _EQUATION.match(line)
+        if not m:
+            continue
+        well_formed += 1
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        correct += (a + b if op == "+" else a - b if op == "-" else a * b) == c
+    return {"lines": len(lines), "well_formed": well_formed, "correct": correct}
 
 
 @dataclass

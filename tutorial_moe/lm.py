@@ -24,13 +24,14 @@ from .corpus import VOCAB_SIZE, TextSplit, char_classes, decode, encode, eval_wi
 from .moe import MoELayer, moe_modules
 from .routing import OracleRouter, TopKRouter
 from .runtime import seed_everything
+from .smoe import RandomRouter, SMoELayer  # smoe imports this module only inside functions: no cycle
 from .train import History, fit
 
 __all__ = ["LMConfig", "DenseFFN", "CausalSelfAttention", "Block", "TinyLM", "lm_loss", "train_lm",
-           "evaluate_lm", "generate", "collect_lm_routing", "parameter_counts", "ffn_modules"]
+           "evaluate_lm", "generate", "collect_lm_routing", "parameter_counts", "ffn_modules", "compare_seeds"]
 
 _FFN_KINDS = ("dense", "moe", "smoe")
-_ROUTERS = ("learned", "oracle")
+_ROUTERS = ("learned", "oracle", "random")
 
 
 @dataclass
@@ -39,7 +40,8 @@ class LMConfig:
 
     ``d_hidden`` is the hidden width of the dense FFN, of *each* expert ("moe"), or of the one
     shared network ("smoe"). ``num_experts`` is E for "moe" and the number of masks M for "smoe".
-    ``router``: "learned" (a linear gate, top-k) or "oracle" (expert/mask = the domain label).
+    ``router``: "learned" (a linear gate, top-k), "oracle" (expert/mask = the domain label) or
+    "random" (a uniformly random expert/mask per token, k=1).
     ``keep``: the share of hidden units each sMoE mask keeps; ``disjoint_masks`` makes the masks
     partition the units (then keep = 1/M and the sMoE becomes separate experts).
     """
@@ -109,18 +111,18 @@ class CausalSelfAttention(nn.Module):
 def _make_ffn(cfg: LMConfig) -> nn.Module:
     if cfg.ffn == "dense":
         return DenseFFN(cfg.d_model, cfg.d_hidden)
-    if cfg.ffn == "moe":
-        if cfg.router == "oracle":
-            router = OracleRouter(cfg.num_experts)
-        else:
-            # With k=1 a renormalised weight is always exactly 1 and the gate would get no gradient
-            # from the task; Switch keeps the raw probability as the weight, and so do we.
-            router = TopKRouter(cfg.d_model, cfg.num_experts, cfg.k, normalize=cfg.k > 1)
-        return MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, cfg.k, router=router, losses=cfg.aux_losses)
-    from .smoe import SMoELayer  # smoe builds on this module's pieces; import here to avoid a cycle
-
-    return SMoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, keep=cfg.keep, router=cfg.router, k=cfg.k,
-                     disjoint=cfg.disjoint_masks, mask_seed=cfg.mask_seed, losses=cfg.aux_losses)
+    if cfg.ffn == "smoe":
+        return SMoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, keep=cfg.keep, router=cfg.router, k=cfg.k,
+                         disjoint=cfg.disjoint_masks, mask_seed=cfg.mask_seed, losses=cfg.aux_losses)
+    if cfg.router == "oracle":
+        router = OracleRouter(cfg.num_experts)
+    elif cfg.router == "random":
+        router = RandomRouter(cfg.num_experts)
+    else:
+        # With k=1 a renormalised weight is always exactly 1 and the gate would get no gradient
+        # from the task; Switch keeps the raw probability as the weight, and so do we.
+        router = TopKRouter(cfg.d_model, cfg.num_experts, cfg.k, normalize=cfg.k > 1)
+    return MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, cfg.k, router=router, losses=cfg.aux_losses)
 
 
 class Block(nn.Module):
@@ -156,17 +158,6 @@ class TinyLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        # GPT-2's small-normal init for embeddings and the linear layers we own; expert banks keep theirs.
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
@@ -201,7 +192,8 @@ def parameter_counts(model: TinyLM) -> dict:
     for f in ffn_modules(model):
         if isinstance(f, MoELayer):
             expert_params = sum(p.numel() for p in f.experts.parameters())
-            idle += expert_params * (1 - f.k / f.num_experts)
+            k = f.k or 1  # fixed (oracle) routers have no k: one expert per token
+            idle += expert_params * (1 - k / f.num_experts)
         elif hasattr(f, "idle_parameters"):
             idle += f.idle_parameters()
     return {"total": int(total), "active": int(round(total - idle))}
@@ -212,7 +204,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def train_lm(model: TinyLM, split: TextSplit, steps: int, *, batch_size: int = 32, lr: float = 3e-3,
+def train_lm(model: TinyLM, split: TextSplit, steps: int, *, batch_size: int = 32, lr: float = 6e-3,
              seed: int = 0, domain_weights=None, clip_grad: float | None = 1.0, show_progress: bool = True,
              callback=None) -> History:
     """Train ``model`` for ``steps`` Adam steps on random windows of ``split``.
@@ -324,3 +316,30 @@ def collect_lm_routing(model: TinyLM, split: TextSplit, *, max_windows: int | No
     labels = {"token": x.flatten(), "domain": d.flatten(), "char_class": char_classes(x.flatten()),
               "position": position, "position_bucket": position * num_position_buckets // T}
     return [{"mask": torch.cat(p["mask"]), "probs": torch.cat(p["probs"]), **labels} for p in parts]
+
+
+def compare_seeds(a, b, *, noise: float | None = None, lower_is_better: bool = True) -> dict:
+    """Is model A better than model B, beyond seed-to-seed noise?
+
+    ``a``, ``b``: one number per training seed (e.g. validation losses). ``noise`` defaults to the
+    largest spread between the seeds of either model (max - min); a difference of the means no
+    larger than that is reported as "no significant difference". With one seed each, pass
+    ``noise`` measured elsewhere. Returns mean_a, mean_b, difference (a - b), noise, verdict
+    ("better", "worse" or "no significant difference", for A relative to B).
+    """
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if not a or not b:
+        raise ValueError(f"compare_seeds: a and b need at least one value each, got {a!r} and {b!r}")
+    if noise is None:
+        if len(a) < 2 and len(b) < 2:
+            raise ValueError("compare_seeds: one seed per model gives no noise estimate; pass noise=")
+        noise = max(max(v) - min(v) for v in (a, b) if len(v) > 1)
+    else:
+        noise = check_positive_float("noise", noise, where="compare_seeds", allow_zero=True)
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    diff = mean_a - mean_b
+    if abs(diff) <= noise:
+        verdict = "no significant difference"
+    else:
+        verdict = "better" if (diff < 0) == lower_is_better else "worse"
+    return {"mean_a": mean_a, "mean_b": mean_b, "difference": diff, "noise": noise, "verdict": verdict}

@@ -29,7 +29,7 @@ from .moe import MoELayer, _AuxMixin, moe_modules
 from .losses import check_loss_weights
 from .routing import OracleRouter, Routing, TopKRouter
 
-__all__ = ["make_masks", "SMoELayer", "ForcedRouter", "route_override", "mask_ensemble", "gradient_reach",
+__all__ = ["make_masks", "SMoELayer", "RandomRouter", "ForcedRouter", "route_override", "mask_ensemble", "gradient_reach",
            "reach_summary"]
 
 _DEFAULT_LOSSES = {"switch": 0.01}
@@ -63,6 +63,24 @@ def make_masks(num_masks: int, d_hidden: int, keep: float, seed: int = 0, disjoi
     return masks
 
 
+class RandomRouter(nn.Module):
+    """Each token gets one expert/mask drawn uniformly at random on every forward (from the global
+    torch generator, so seeded runs repeat). An sMoE trained this way is dropout with a fixed pool of
+    masks - the Masksembles recipe (Durasov et al., arXiv 2012.08334) - and averaging its masks at
+    inference is an ensemble of the sub-networks it trained."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = check_int("num_experts", num_experts, low=1, where="RandomRouter")
+
+    def forward(self, x: torch.Tensor, ids=None) -> Routing:
+        T, E = x.shape[0], self.num_experts
+        choice = torch.randint(E, (T,), device=x.device)
+        weights = F.one_hot(choice, E).to(x.dtype if x.is_floating_point() else torch.float32)
+        dropped = torch.zeros(T, dtype=torch.bool, device=x.device)
+        return Routing(torch.zeros_like(weights), weights, weights, weights.bool(), dropped, choice.unsqueeze(1))
+
+
 class SMoELayer(_AuxMixin, nn.Module):
     """(..., d_model) -> (..., d_model): one shared FFN, and per token a routed dropout mask.
 
@@ -76,7 +94,8 @@ class SMoELayer(_AuxMixin, nn.Module):
         num_masks: M, the number of "experts" (masks).  keep: share of units each mask keeps.
         router: "learned" (a linear gate, top-k; with k=1 the weight is the raw gate probability,
             as in Switch, so the gate learns from the task), "oracle" (mask = the ``ids`` label),
-            or any router module with ``num_experts == M``.
+            "random" (a uniformly random mask per token: :class:`RandomRouter`), or any router
+            module with ``num_experts == M``.
         disjoint: masks partition the units (separate experts in one matrix).
         mask_seed: seed of the masks (fixed at init, saved in the state dict as a buffer).
         losses: auxiliary losses as in :class:`~tutorial_moe.MoELayer` (default ``{"switch": 0.01}``).
@@ -96,8 +115,11 @@ class SMoELayer(_AuxMixin, nn.Module):
             router = TopKRouter(d_model, num_masks, k, normalize=k > 1)
         elif router == "oracle":
             router = OracleRouter(num_masks)
+        elif router == "random":
+            router = RandomRouter(num_masks)
         elif not isinstance(router, nn.Module):
-            raise ValueError(f"{where}: router={router!r} is unknown; use 'learned', 'oracle' or a router module")
+            raise ValueError(f"{where}: router={router!r} is unknown; use 'learned', 'oracle', 'random' "
+                             "or a router module")
         if getattr(router, "num_experts", num_masks) != num_masks:
             raise ValueError(f"{where}: router.num_experts={router.num_experts} != num_masks={num_masks}")
         self.router = router
