@@ -395,3 +395,38 @@ def test_train_schedule_follows_any_schedule():
         train_schedule([], train, test)
     with pytest.raises(TypeError, match="ks"):
         train_schedule("6,3", train, test)
+
+
+def test_predict_batches_and_restores_mode():
+    from tutorial_moe.brainy import predict
+    torch.manual_seed(0)
+    model = dense_brainy(4, image_size=S).train()
+    x, _ = images(10)
+    out = predict(model, x, batch_size=3)
+    assert model.training and out.shape == (10, 10) and out.device.type == "cpu"
+    with torch.no_grad():
+        assert torch.allclose(out, model.eval()(x), atol=1e-6)
+    with pytest.raises(TypeError, match="x"):
+        predict(model, [1, 2])
+
+
+def test_train_regime_with_conv_experts():
+    # the FULL-mode path of chapter 04 (convolutional experts), on tiny images
+    train, test = images(24, size=8, seed=1), images(8, size=8, seed=2)
+    run = train_regime("gradual", train, test, epochs=2, num_experts=3, k=2, hidden=4, image_size=8, expert="conv",
+                       batch_size=12)
+    assert all(isinstance(e, ConvExpert) for e in run.model.experts) and sorted(run.at_k) == [1, 2, 3]
+    assert macs_per_sample(run.model, test[0]) > 0
+
+
+def test_accuracy_at_every_k_matches_evaluate_and_collect_routing():
+    from tutorial_moe.metrics import utilization
+    from tutorial_moe.train import collect_routing, evaluate
+    torch.manual_seed(1)
+    model = brainy_moe(4, 3, k=2, image_size=S)
+    test = images(50, seed=3)
+    out = accuracy_at_every_k(model, test)
+    for k in range(1, 5):
+        model.router.k = k
+        assert out[k]["acc"] == pytest.approx(evaluate(model, test, batch_size=7)["acc"])
+        assert out[k]["utilization"] == pytest.approx(utilization(collect_routing(model, test[0]).mask).tolist(), abs=1e-4)

@@ -30,11 +30,12 @@ from .metrics import collapse_report, routing_entropy, specialization, utilizati
 from .moe import MoE
 from .routing import SoftmaxRouter, TopKRouter
 from .schedules import constant_k, gradual_detachment, k_per_epoch
-from .train import collect_routing, evaluate, fit, router_parameters, set_k
+from .train import collect_routing, fit, router_parameters, set_k
 
 __all__ = [
     "count_parameters",
     "macs_per_sample",
+    "predict",
     "dense_brainy",
     "dense_width_for",
     "FlattenGate",
@@ -104,12 +105,33 @@ def macs_per_sample(model: nn.Module, x: torch.Tensor, *args) -> float:
     was_training = model.training
     model.eval()
     try:
-        model(x, *args)
+        model(x.to(_device_of(model)), *args)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     return total / x.shape[0]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """``model``'s outputs for ``x`` (N, ...) in eval mode, in batches, wherever the model lives
+    (CPU or GPU); returned on the CPU as (N, C). The model's training mode is restored."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"predict: x must be a batch tensor (N, ...), got {type(x).__name__}")
+    check_int("batch_size", batch_size, low=1, where="predict")
+    dev = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- models
@@ -224,7 +246,8 @@ def gate_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> d
         raise ValueError("gate_gradient_norms: model has no router parameters (no MoE module with a learned gate)")
     model = copy.deepcopy(model)
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    dev = _device_of(model)
+    F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
     gate_ids = {id(p) for p in router_parameters(model)}
     norm = lambda ps: float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in ps if p.grad is not None)))  # noqa: E731
     return {"gate": norm([p for p in model.parameters() if id(p) in gate_ids]),
@@ -347,6 +370,7 @@ def routing_summary(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: in
     ranked = r.probs.sort(-1, descending=True).values.cumsum(-1)
     return {"step": step, "utilization": utilization(r.mask).tolist(),
             "top1_share": torch.bincount(top1, minlength=E).float().div(len(top1)).tolist(),
+            "mean_prob": r.probs.mean(0).tolist(),
             "entropy": float(routing_entropy(r.probs)), "specialization": specialization(r.mask, y),
             "top1_specialization": specialization(F.one_hot(top1, E).bool(), y),
             "top_k_mass": {k + 1: float(ranked[:, k].mean()) for k in range(E)}}
@@ -434,6 +458,22 @@ def _train_moe(regime, ks, train, test, *, balance=False, seed=0, num_experts=6,
     return run
 
 
+@torch.no_grad()
+def _outputs_and_mask(model: MoE, x: torch.Tensor, batch_size: int = 1024):
+    """(N, C) outputs and (N, E) routing mask of ``model`` on ``x`` in eval mode, both on the CPU."""
+    dev = _device_of(model)
+    was_training = model.training
+    model.eval()
+    outs, masks = [], []
+    try:
+        for i in range(0, len(x), batch_size):
+            outs.append(model(x[i:i + batch_size].to(dev)).cpu())
+            masks.append(model.last_routing.mask.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs), torch.cat(masks)
+
+
 def accuracy_at_every_k(model: nn.Module, test, ks=None) -> dict:
     """{k: {"acc", "utilization" (E,), "collapsed", "dead", "load_imbalance"}} on ``test`` = (x, y).
 
@@ -448,8 +488,9 @@ def accuracy_at_every_k(model: nn.Module, test, ks=None) -> dict:
     try:
         for kk in ks:
             router.k = kk
-            acc = evaluate(model, test)["acc"]
-            rep = collapse_report(collect_routing(model, test[0]).mask)
+            logits, mask = _outputs_and_mask(model, test[0])  # one pass: predictions and routing
+            acc = float((logits.argmax(-1) == test[1].cpu()).float().mean())
+            rep = collapse_report(mask)
             out[kk] = {"acc": acc, "utilization": rep["utilization"], "collapsed": rep["collapsed"],
                        "dead": rep["dead"], "load_imbalance": rep["load_imbalance"]}
     finally:
@@ -506,11 +547,21 @@ def time_top_k(model: MoE, x: torch.Tensor, k: int, repeats: int = 20) -> dict:
     sparse, dense = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
     sparse.dispatch, sparse.router.k = "loop", k
     dense.dispatch, dense.router.k = "dense", E
-    sparse(x), dense(x)  # warm-up
+    x = x.to(_device_of(model))
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def clock(m):
+        sync()
+        t0 = time.perf_counter()
+        m(x)
+        sync()
+        return time.perf_counter() - t0
+
+    clock(sparse), clock(dense)  # warm-up
     ts, td = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter(); sparse(x); ts.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); dense(x); td.append(time.perf_counter() - t0)
+        ts.append(clock(sparse))
+        td.append(clock(dense))
     return {"k": k, "num_experts": E, "batch": int(x.shape[0]),
             "top_k_s": statistics.median(ts), "all_s": statistics.median(td),
             "top_k_times": ts, "all_times": td,

@@ -266,7 +266,7 @@ def table_from_runs(runs: dict) -> dict:
     return table
 
 
-def topk_animation(table: dict, interval: int = 900, dpi: int = 72) -> str:
+def topk_animation(table: dict, interval: int = 900, dpi: int = 60) -> str:
     """An HTML animation (``FuncAnimation.to_jshtml``) stepping through the inference k.
 
     Left: mean test accuracy against k for every label, the current k marked. Right: mean per-expert
