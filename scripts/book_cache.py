@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import platform
+import re
 from pathlib import Path
 
 import nbformat
@@ -61,6 +62,36 @@ def is_cached(path: str | Path, cache_dir: str | Path | None = None) -> bool:
     except KeyError:
         return False
     return True
+
+
+_BACKSPACE = re.compile("[^\n]\x08")
+_CARRIAGE_RETURN = re.compile(r"^.*\r(?=[^\n])", re.MULTILINE)
+
+
+def merge_consecutive_streams(outputs: list) -> list:
+    """Merge each run of consecutive stream outputs of the same name into one, in place of the
+    run, as a live notebook shows them; apply ``\\r`` and ``\\b`` (progress bars) in each.
+
+    Unlike nbval's and myst-nb's coalescing, text printed after a figure stays after it.
+    """
+    merged = []
+    for output in outputs:
+        last = merged[-1] if merged else None
+        if (output.get("output_type") == "stream" and last is not None
+                and last.get("output_type") == "stream" and last.get("name") == output.get("name")):
+            last["text"] = last["text"] + output["text"]
+        else:
+            merged.append(nbformat.from_dict(dict(output)) if output.get("output_type") == "stream" else output)
+    for output in merged:
+        if output.get("output_type") == "stream":
+            text = output["text"]
+            while True:
+                shorter = _BACKSPACE.sub("", text)
+                if shorter == text:
+                    break
+                text = shorter
+            output["text"] = _CARRIAGE_RETURN.sub("", text)
+    return merged
 
 
 def forget(path: str | Path, cache_dir: str | Path | None = None) -> None:

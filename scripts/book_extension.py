@@ -31,20 +31,25 @@ from sphinx.transforms.post_transforms import SphinxPostTransform
 from sphinx.util import logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from book_cache import forget, is_cached  # noqa: E402
+from book_cache import forget, is_cached, merge_consecutive_streams  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 READS_RESULTS = re.compile(r"\bload_(all_)?results\(")
 MATHJAX_FILES = ["tex-chtml.js", "output/chtml/fonts/woff-v2", "input/tex/extensions", "ui", "a11y"]
 WIDGET_FILES = ["require.js", "embed-amd.js"]
-# The manager computes where its icon fonts are from the URL of its AMD module, which RequireJS
-# would place beside the page; map that module folder (and the manager's own override) to the
-# folder of this script, which works at any page depth.
+# Each bundled module (@jupyter-widgets/base, /controls, /html-manager/dist/libembed-amd, ...)
+# computes where its icon fonts are from its own AMD module URL, which RequireJS would place
+# beside the page. Map those module names (and the manager's own override) to the folder of
+# this script, which holds the fonts and works at any page depth.
 WIDGETS_CONFIG_JS = """(function () {
   var here = document.currentScript.src.replace(/[^/]*$/, "");
+  var folder = here.replace(/\\/$/, "");
   window.__jupyter_widgets_assets_path__ = here;
-  require.config({paths: {"@jupyter-widgets/html-manager/dist": here.replace(/\\/$/, "")}});
+  require.config({paths: {
+    "@jupyter-widgets": folder,
+    "@jupyter-widgets/html-manager/dist": folder
+  }});
 })();
 """
 
@@ -176,6 +181,12 @@ def finish(app, exception):
 
 
 def setup(app):
+    # myst-nb's stream merging (nb_merge_streams) moves every print of a cell into its first
+    # stream output, so text printed after a figure would show above it; merge only runs of
+    # consecutive prints, as a live notebook shows them (the nbval bridge does the same).
+    import myst_nb.core.render
+
+    myst_nb.core.render.coalesce_streams = merge_consecutive_streams
     app.add_post_transform(DropAnimationCdnLink)
     app.connect("config-inited", configure, priority=900)
     app.connect("env-before-read-docs", check_cache, priority=900)

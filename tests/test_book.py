@@ -212,3 +212,45 @@ def test_chapter_follows_the_template(md):
         assert re.search(rf"^\**{marker}", text, re.M | re.I), f"{md.name}: no '{marker}' line"
     assert re.search(r"^#+ What we found", text, re.M), f"{md.name}: no 'What we found' section"
     assert re.search(r"save_results\(", text) or md.stem == "14_verdicts", f"{md.name}: no save_results"
+
+
+def test_prints_stay_where_they_were_printed():
+    out = book_cache.merge_consecutive_streams([
+        {"output_type": "stream", "name": "stdout", "text": "epoch 1\n"},
+        {"output_type": "stream", "name": "stdout", "text": "10%\r100%\n"},
+        {"output_type": "display_data", "data": {"text/plain": "<Figure>"}, "metadata": {}},
+        {"output_type": "stream", "name": "stdout", "text": "after the figure\n"},
+    ])
+    assert [o["output_type"] for o in out] == ["stream", "display_data", "stream"]
+    assert out[0]["text"] == "epoch 1\n100%\n" and out[2]["text"] == "after the figure\n"
+
+
+def test_kernel_transcript_routes_widget_captured_output_into_the_widget():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("root_conftest", ROOT / "conftest.py")
+    root_conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(root_conftest)
+    t = root_conftest._KernelTranscript()
+
+    def msg(kind, parent, **content):
+        return {"msg_type": kind, "header": {"msg_type": kind}, "parent_header": {"msg_id": parent},
+                "content": content}
+
+    t.observe(msg("execute_input", "cell1", code="..."))
+    t.observe(msg("comm_open", "cell1", comm_id="w", data={"state": {
+        "_model_name": "OutputModel", "_model_module": "@jupyter-widgets/output",
+        "_model_module_version": "1.0.0", "outputs": [], "msg_id": ""}}))
+    t.observe(msg("comm_msg", "cell1", comm_id="w", data={"state": {"msg_id": "cell1"}}))
+    t.observe(msg("stream", "cell1", name="stdout", text="inside the widget\n"))
+    t.observe(msg("comm_msg", "cell1", comm_id="w", data={"state": {"msg_id": ""}}))
+    t.observe(msg("stream", "cell1", name="stdout", text="old\n"))
+    t.observe(msg("clear_output", "cell1", wait=True))
+    t.observe(msg("display_data", "cell1", data={"text/plain": "shown"}, metadata={},
+                  transient={"display_id": "d1"}))
+    t.observe(msg("update_display_data", "cell1", data={"text/plain": "updated"}, metadata={},
+                  transient={"display_id": "d1"}))
+    outputs = t.cell_outputs("cell1")
+    assert [o["data"]["text/plain"] for o in outputs] == ["updated"]
+    assert t.widgets["w"]["outputs"] == [{"output_type": "stream", "name": "stdout",
+                                          "text": "inside the widget\n"}]
