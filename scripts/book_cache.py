@@ -14,6 +14,7 @@ serialise alike. ``scripts/book_extension.py`` uses :func:`is_cached` to check t
 from __future__ import annotations
 
 import base64
+import os
 import platform
 import re
 from pathlib import Path
@@ -23,6 +24,19 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 #: Where jupyter-book keeps its cache when ``execute.cache`` is empty: ``<build dir>/.jupyter_cache``.
 DEFAULT_CACHE_DIR = ROOT / "_build" / ".jupyter_cache"
+#: The cache of full-size runs. The cache key is the code, which is the same in both modes, so
+#: the two modes must not share a cache (a full build would show default-mode outputs).
+FULL_CACHE_DIR = ROOT / "_build" / ".jupyter_cache-full"
+
+
+def full_mode() -> bool:
+    """``tutorial_moe.full_mode()``, read without importing the package (and torch)."""
+    return os.environ.get("TUTORIAL_MOE_FULL", "0").strip().lower() in ("1", "true", "yes")
+
+
+def cache_dir_for_mode() -> Path:
+    """The execution cache of the current mode (``TUTORIAL_MOE_FULL``)."""
+    return FULL_CACHE_DIR if full_mode() else DEFAULT_CACHE_DIR
 WIDGET_STATE_MIMETYPE = "application/vnd.jupyter.widget-state+json"
 
 

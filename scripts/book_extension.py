@@ -31,7 +31,7 @@ from sphinx.transforms.post_transforms import SphinxPostTransform
 from sphinx.util import logging
 
 sys.path.insert(0, str(Path(__file__).parent))
-from book_cache import forget, is_cached, merge_consecutive_streams  # noqa: E402
+from book_cache import cache_dir_for_mode, forget, is_cached, merge_consecutive_streams  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def _copy(source: Path, names: list[str], target: Path) -> int:
 
 
 def configure(app, config):
+    if not config.nb_execution_cache_path:
+        config.nb_execution_cache_path = str(cache_dir_for_mode())
     if mathjax_source() is None:
         logger.warning(
             "sphinx-mathjax-offline is not installed, so equations would need a CDN: "

@@ -27,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "_build"
 REPORTS = BUILD / "test-reports"
-CACHE = BUILD / ".jupyter_cache"
+sys.path.insert(0, str(ROOT / "scripts"))
+from book_cache import cache_dir_for_mode  # noqa: E402
+
+CACHE = cache_dir_for_mode()  # the cache the book build of this mode reads
 PHASES = ["unit", "notebooks", "book", "browser"]
 PY = sys.executable
 
@@ -82,7 +85,6 @@ def phase_book(args) -> tuple[int, dict]:
 
 
 def phase_browser(args) -> tuple[int, dict]:
-    sys.path.insert(0, str(ROOT / "scripts"))
     from check_pages import find_chromium
 
     if find_chromium() is None:

@@ -254,3 +254,12 @@ def test_kernel_transcript_routes_widget_captured_output_into_the_widget():
     assert [o["data"]["text/plain"] for o in outputs] == ["updated"]
     assert t.widgets["w"]["outputs"] == [{"output_type": "stream", "name": "stdout",
                                           "text": "inside the widget\n"}]
+
+
+@pytest.mark.parametrize("value", ["1", "0", "true", "", "yes", "no"])
+def test_cache_mode_follows_the_package_full_mode(monkeypatch, value):
+    from tutorial_moe.runtime import full_mode
+
+    monkeypatch.setenv("TUTORIAL_MOE_FULL", value)
+    assert book_cache.full_mode() == full_mode()
+    assert (book_cache.cache_dir_for_mode() == book_cache.FULL_CACHE_DIR) == full_mode()
