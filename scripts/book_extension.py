@@ -1,8 +1,9 @@
 """Sphinx extension for the tutorial_moe book (loaded through ``_config.yml``'s local_extensions).
 
 1. Offline math: MathJax 3 is served from the site's own ``_static/mathjax`` instead of a CDN.
-   The files come from the PyPI package ``sphinx-mathjax-offline`` (MathJax 3.2.2, Apache-2.0),
-   installed by ``scripts/setup.sh``. We copy only what a page loads: ``tex-chtml.js``, the
+   The files come from the PyPI package ``sphinx-mathjax-offline`` (MathJax 3.2.2, Apache-2.0;
+   a dependency of the book and test extras), used here as a file source only (its own Sphinx
+   hook would copy all 24 MB). We copy only what a page loads: ``tex-chtml.js``, the
    CHTML woff fonts, the TeX extensions that autoload on demand, the menu and the accessibility
    add-ons (about 3 MB of the package's 24 MB; the 3.9 MB speech-rule engine is left out, so the
    menu's speech options need a network).
