@@ -178,3 +178,23 @@ def test_compare_seeds_uses_the_seed_spread_as_noise():
     assert compare_seeds([0.9], [0.8], noise=0.05, lower_is_better=False)["verdict"] == "better"
     with pytest.raises(ValueError, match="noise="):
         compare_seeds([1.0], [2.0])
+
+
+def test_paired_difference_standard_error():
+    from tutorial_moe.lm import paired_difference
+
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    r = paired_difference(a, a + torch.tensor([0.1, 0.3, 0.1, 0.3]))
+    assert r["difference"] == pytest.approx(-0.2)
+    assert r["standard_error"] == pytest.approx(0.11547 / 2, rel=1e-3) and r["verdict"] == "lower"
+    assert paired_difference(a, a + torch.tensor([1.0, -1.0, 1.0, -1.0]))["verdict"] == "no significant difference"
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference(a, a[:3])
+
+
+def test_evaluate_lm_window_losses_average_to_the_domain_losses(corpus):
+    model = TinyLM(TINY)
+    res = evaluate_lm(model, corpus.val, max_windows=4, domain_names=DOMAINS)
+    assert res["window_loss"].shape == (12,) and res["window_domain"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    for i, name in enumerate(DOMAINS):
+        assert float(res["window_loss"][res["window_domain"] == i].mean()) == pytest.approx(res["per_domain"][name])

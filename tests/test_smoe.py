@@ -162,3 +162,21 @@ def test_random_router_draws_from_the_global_generator_and_covers_all_masks():
     assert (first.sum(1) == 1).all() and (counts > 60).all()  # ~100 each of 400; 60 is > 4 sd below
     model = TinyLM(TINY.replace(ffn="moe", router="random"))
     assert type(ffn_modules(model)[0].router).__name__ == "RandomRouter"
+
+
+def test_subnetwork_reach_of_the_rare_domain():
+    from tutorial_moe.smoe import subnetwork_reach, unit_reach
+
+    x, y = torch.randint(96, (4, 12)), torch.randint(96, (4, 12))
+    d = torch.tensor([0, 0, 0, 1]).repeat_interleave(12).view(4, 12)  # domain 1 is rare: 1/4 of tokens
+    moe = TinyLM(TINY.replace(ffn="moe", router="oracle"))
+    f, r = ffn_modules(moe)[0], gradient_reach(moe, x, y, d, max_tokens=48)[0]
+    assert unit_reach(f, r).shape == (3, TINY.d_hidden)
+    assert subnetwork_reach(f, r, 1) == pytest.approx(0.25) and subnetwork_reach(f, r, 2) == 0
+    smoe = TinyLM(TINY.replace(ffn="smoe", router="oracle", keep=0.5))
+    f, r = ffn_modules(smoe)[0], gradient_reach(smoe, x, y, d, max_tokens=48)[0]
+    m = f.masks.float()
+    expected = float(((0.75 * m[0] + 0.25 * m[1]) * m[1]).sum() / m[1].sum())
+    assert subnetwork_reach(f, r, 1) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="expert=3"):
+        subnetwork_reach(f, r, 3)

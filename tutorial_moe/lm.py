@@ -28,7 +28,8 @@ from .smoe import RandomRouter, SMoELayer  # smoe imports this module only insid
 from .train import History, fit
 
 __all__ = ["LMConfig", "DenseFFN", "CausalSelfAttention", "Block", "TinyLM", "lm_loss", "train_lm",
-           "evaluate_lm", "generate", "collect_lm_routing", "parameter_counts", "ffn_modules", "compare_seeds"]
+           "evaluate_lm", "generate", "collect_lm_routing", "parameter_counts", "ffn_modules", "compare_seeds",
+           "paired_difference"]
 
 _FFN_KINDS = ("dense", "moe", "smoe")
 _ROUTERS = ("learned", "oracle", "random")
@@ -230,7 +231,9 @@ def evaluate_lm(model: TinyLM, split: TextSplit, *, max_windows: int | None = 64
                 predict=None, domain_names=None) -> dict:
     """Validation loss (nats per character) overall and per domain, on fixed non-overlapping windows.
 
-    ``max_windows`` windows per domain, so every domain counts equally in ``loss``.
+    ``max_windows`` windows per domain, so every domain counts equally in ``loss``. Also returns
+    ``window_loss`` (windows,) and ``window_domain`` (windows,) tensors, for paired comparisons
+    of two predictors on the same windows (:func:`paired_difference`).
     ``predict(tokens, domains) -> log-probabilities (B, T, V)`` replaces the model's own prediction
     (e.g. an ensemble over masks); default ``log_softmax(model(tokens, domains))``.
     """
@@ -244,11 +247,14 @@ def evaluate_lm(model: TinyLM, split: TextSplit, *, max_windows: int | None = 64
         logp = predict(xb, db) if predict is not None else F.log_softmax(model(xb, db), -1)
         nll.append(-logp.gather(-1, yb.unsqueeze(-1)).squeeze(-1).cpu())
     model.train(was_training)
-    nll = torch.cat(nll).flatten().double()
+    nll = torch.cat(nll).double()  # (windows, T)
+    window_domain = d[:, 0].clone()  # every window lies inside one domain
     d = d.flatten()
+    flat = nll.flatten()
     names = domain_names or [str(i) for i in range(len(split.spans))]
-    per = {names[i]: float(nll[d == i].mean()) for i in range(len(split.spans)) if (d == i).any()}
-    return {"loss": float(torch.tensor(list(per.values())).mean()), "per_domain": per}
+    per = {names[i]: float(flat[d == i].mean()) for i in range(len(split.spans)) if (d == i).any()}
+    return {"loss": float(torch.tensor(list(per.values())).mean()), "per_domain": per,
+            "window_loss": nll.mean(1), "window_domain": window_domain}
 
 
 @torch.no_grad()
@@ -343,3 +349,16 @@ def compare_seeds(a, b, *, noise: float | None = None, lower_is_better: bool = T
     else:
         verdict = "better" if (diff < 0) == lower_is_better else "worse"
     return {"mean_a": mean_a, "mean_b": mean_b, "difference": diff, "noise": noise, "verdict": verdict}
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, z: float = 2.0) -> dict:
+    """Mean of ``a - b`` over paired measurements (e.g. per-window losses of two predictors on the
+    same windows), its standard error, and a verdict: "lower"/"higher" when the mean difference is
+    more than ``z`` standard errors from 0, else "no significant difference"."""
+    a, b = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(f"paired_difference: a and b need the same length >= 2, got {a.numel()} and {b.numel()}")
+    diff = a - b
+    mean, se = float(diff.mean()), float(diff.std(unbiased=True) / diff.numel() ** 0.5)
+    verdict = "no significant difference" if abs(mean) <= z * se else ("lower" if mean < 0 else "higher")
+    return {"difference": mean, "standard_error": se, "verdict": verdict}

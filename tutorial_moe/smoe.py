@@ -30,7 +30,7 @@ from .losses import check_loss_weights
 from .routing import OracleRouter, Routing, TopKRouter
 
 __all__ = ["make_masks", "SMoELayer", "RandomRouter", "ForcedRouter", "route_override", "mask_ensemble", "gradient_reach",
-           "reach_summary"]
+           "reach_summary", "unit_reach", "subnetwork_reach"]
 
 _DEFAULT_LOSSES = {"switch": 0.01}
 
@@ -303,12 +303,27 @@ def gradient_reach(model: nn.Module, tokens: torch.Tensor, targets: torch.Tensor
     return out
 
 
-def _unit_reach(module: nn.Module, reach: dict) -> torch.Tensor:
-    """Share of tokens reaching each hidden unit's input weights: (units,) - all experts' units for an MoE."""
+def unit_reach(module: nn.Module, reach: dict) -> torch.Tensor:
+    """Share of tokens reaching each hidden unit (its input weights), from :func:`gradient_reach`.
+
+    (H,) for a dense or sMoE layer; (E, h) for an MoE layer (one row per expert).
+    """
     if isinstance(module, MoELayer):
-        w1 = reach["experts.w1"]  # (E, d, h)
-        return w1.amax(1).flatten()
+        return reach["experts.w1"].amax(1)  # (E, d, h) -> (E, h)
     return reach["fc1.weight"].amax(1)  # (H, d): a unit is reached if any of its input weights is
+
+
+def subnetwork_reach(module: nn.Module, reach: dict, expert: int) -> float:
+    """Mean share of tokens reaching the hidden units of expert ``expert`` (MoE) or of the units kept
+    by mask ``expert`` (sMoE): how much of the data trains the sub-network that one route uses."""
+    u = unit_reach(module, reach)
+    if isinstance(module, MoELayer):
+        check_int("expert", expert, low=0, high=module.num_experts - 1, where="subnetwork_reach")
+        return float(u[expert].mean())
+    if isinstance(module, SMoELayer):
+        check_int("expert", expert, low=0, high=module.num_experts - 1, where="subnetwork_reach")
+        return float(u[module.masks[expert]].mean())
+    return float(u.mean())  # dense: one sub-network, the whole layer
 
 
 def reach_summary(model: nn.Module, reach: list[dict], steps: int | None = None, tokens_per_step: int | None = None):
@@ -319,7 +334,7 @@ def reach_summary(model: nn.Module, reach: list[dict], steps: int | None = None,
 
     rows = []
     for layer, (f, r) in enumerate(zip(ffn_modules(model), reach)):
-        u = _unit_reach(f, r)
+        u = unit_reach(f, r).flatten()
         row = {"layer": layer, "kind": type(f).__name__, "units": int(u.numel()), "mean_reach": float(u.mean()),
                "min_reach": float(u.min()), "max_reach": float(u.max())}
         if steps is not None and tokens_per_step is not None:
