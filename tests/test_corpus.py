@@ -122,3 +122,11 @@ def test_check_arithmetic_scores_complete_lines():
     assert r["correct"] == r["well_formed"] == r["lines"] > 20
     with pytest.raises(TypeError, match="text must be a str"):
         check_arithmetic(None)
+
+
+def test_code_comes_from_the_standard_library_even_if_a_local_file_shadows_a_module(tmp_path, monkeypatch):
+    (tmp_path / "bisect.py").write_text("print('not the standard library')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    text = code_text(modules=("bisect",))
+    assert "not the standard library" not in text and "def insort" in text

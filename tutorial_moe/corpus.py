@@ -14,10 +14,11 @@ same thing whatever text is loaded. Each domain is cut into a train part and a v
 """
 from __future__ import annotations
 
-import importlib.util
 import random
 import re
+import sysconfig
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -98,17 +99,18 @@ def prose_text() -> str:
 def code_text(modules=CODE_MODULES) -> str:
     """The source files of ``modules`` (standard-library names), concatenated in the given order.
 
-    Modules this interpreter lacks are skipped; at least one must be found.
+    The files are read from the standard library's own folder (``sysconfig``), not found through
+    ``sys.path``, so a local file that happens to share a module's name cannot slip in. Modules
+    this interpreter lacks are skipped; at least one must be found.
     """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
     parts = []
     for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue
-        with open(spec.origin, encoding="utf-8") as fh:
-            parts.append(fh.read())
+        path = stdlib / f"{name}.py"
+        if path.is_file():
+            parts.append(path.read_text(encoding="utf-8"))
     if not parts:
-        raise ValueError(f"code_text: none of modules={list(modules)!r} has a .py source file in this install")
+        raise ValueError(f"code_text: none of modules={list(modules)!r} has a .py file in {stdlib}")
     return "\n".join(parts).translate(_ASCII_FOLD)
 
 

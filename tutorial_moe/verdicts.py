@@ -49,11 +49,11 @@ SEED_CLAIMS = [
     {"seed": "000", "chapter": "12_fast_moe", "key": "topk_inference_saves_compute",
      "claim": "running only the top-k experts at inference saves computation"},
     # seed 001: Single Mixture of Experts
-    {"seed": "001", "chapter": "11_single_moe", "key": None,
+    {"seed": "001", "chapter": "11_single_moe", "key": "gradient_split",
      "claim": "with E experts and top-1 routing each expert sees only 1/E of the data (the gradient is split)"},
-    {"seed": "001", "chapter": "11_single_moe", "key": None,
+    {"seed": "001", "chapter": "11_single_moe", "key": "common_base",
      "claim": "one shared network with fixed dropout masks keeps a common base that separate experts lack"},
-    {"seed": "001", "chapter": "11_single_moe", "key": None,
+    {"seed": "001", "chapter": "11_single_moe", "key": "mask_ensemble",
      "claim": "averaging over dropout masks gives an ensemble effect"},
     # seed 002: from scratch
     {"seed": "002", "chapter": "07_moe_layer", "key": "gate_smaller_than_experts",
@@ -81,7 +81,7 @@ SEED_CLAIMS = [
      "claim": "an MoE saves computation by activating only a subset of experts (said of a soft layer)"},
     {"seed": "003", "chapter": "02_gating", "key": "soft_moe_vs_dense_equal_params",
      "claim": "with diverse experts an MoE beats a standard model; without, it is no better"},
-    {"seed": "003", "chapter": "10_moe_language_model", "key": None,
+    {"seed": "003", "chapter": "10_moe_language_model", "key": "experts_specialise_in_lm",
      "claim": "in language models, experts specialise on different slices of the language"},
     # seed 004: two domains
     {"seed": "004", "chapter": "05_two_domains", "key": "conv_gate_collapses",
