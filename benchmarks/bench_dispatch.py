@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--forms", default="mlp,swiglu", help="expert forms to run (mlp, swiglu)")
     p.add_argument("--shapes", default=None, help="comma list of shape names to run (default all)")
     p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    p.add_argument("--dense-repeats", type=int, default=3, help="rounds for the dense-all oracle (0 skips its timing)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock-malloc child run")
     p.add_argument("--stock", action="store_true", help=argparse.SUPPRESS)  # internal: this is the child run
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
@@ -191,22 +192,31 @@ def sync(device):
 
 
 def time_variants(variants, x, gy, args, device):
+    """Median ms per variant. The dense oracle ("dense-all", E/k times the useful work) is timed
+    in ``--dense-repeats`` rounds of its own; every other variant in interleaved rounds."""
     def once(v):
         x.grad = None
         y = call(v, x)
         y.backward(gy)
 
+    def timed(v):
+        sync(device)
+        t = time.perf_counter()
+        once(v)
+        sync(device)
+        return time.perf_counter() - t
+
+    main = {n: v for n, v in variants.items() if n != "dense-all"}
     for _ in range(args.warmup):
-        for v in variants.values():
+        for v in main.values():
             once(v)
-    times = {n: [] for n in variants}
+    times = {n: [] for n in main}
     for _ in range(args.repeats):
-        for n, v in variants.items():  # interleaved rounds: machine drift hits every variant alike
-            sync(device)
-            t = time.perf_counter()
-            once(v)
-            sync(device)
-            times[n].append(time.perf_counter() - t)
+        for n, v in main.items():  # interleaved rounds: machine drift hits every variant alike
+            times[n].append(timed(v))
+    if "dense-all" in variants and args.dense_repeats > 0:
+        once(variants["dense-all"])
+        times["dense-all"] = [timed(variants["dense-all"]) for _ in range(args.dense_repeats)]
     return {n: statistics.median(ts) * 1e3 for n, ts in times.items()}
 
 
@@ -290,8 +300,9 @@ def stock_child(args) -> dict | None:
     env = {k: v for k, v in os.environ.items() if k not in TUNED_MALLOC}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / ".stock_tmp.json"
+    # The stock run only needs the ratios beside the tuned ones: fewer rounds, no dense oracle timing.
     cmd = [sys.executable, __file__, "--stock", "--no-stock", "--json-out", str(out), "--threads", str(args.threads),
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--forms", args.forms]
+           "--repeats", str(max(5, args.repeats // 4)), "--warmup", "1", "--forms", args.forms, "--dense-repeats", "0"]
     if args.quick:
         cmd.append("--quick")
     if args.no_peer:
