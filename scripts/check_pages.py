@@ -289,7 +289,6 @@ def write_junit(path: Path, results: list[tuple[str, list[str], float]]) -> None
         if problems:
             ET.SubElement(case, "failure", message=problems[0]).text = "\n".join(problems)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(ET.Element("testsuites")).getroot().append(suite)
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
 
 

@@ -104,8 +104,8 @@ def main(argv=None) -> int:
                         help=f"comma-separated phases to run (default: all of {','.join(PHASES)})")
     parser.add_argument("--notebooks", nargs="*", default=None,
                         help="run only these notebooks in phase 2 (default: book/*.ipynb)")
-    parser.add_argument("pytest_args", nargs="*", help="extra arguments for the unit-test pytest")
-    args = parser.parse_args(argv)
+    # Anything else (e.g. `-k routing -x`) goes to the unit-test pytest.
+    args, args.pytest_args = parser.parse_known_args(argv)
     wanted = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = sorted(set(wanted) - set(PHASES))
     if unknown:
