@@ -246,7 +246,7 @@ def inference_seed000(args, device, dtype):
             "ratio": top3 / all6, "goal": INFERENCE_GOAL}
 
 
-def run_benchmark(args) -> dict:
+def run_benchmark(args, on_progress=None) -> dict:
     device = torch.device(args.device)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     if device.type == "cpu":
@@ -277,7 +277,10 @@ def run_benchmark(args) -> dict:
                 })
             print(f"[{shape['name']}/{form}] " + ", ".join(f"{n}={t:.1f}ms ({t / base:.2f}x)" for n, t in ms.items()),
                   flush=True)
-    return {"rows": rows, "inference": inference_seed000(args, device, dtype), "notes": sorted(set(notes))}
+            if on_progress is not None:  # partial tables survive an interrupted run
+                on_progress({"rows": rows, "inference": None, "notes": sorted(set(notes)), "complete": False})
+    return {"rows": rows, "inference": inference_seed000(args, device, dtype), "notes": sorted(set(notes)),
+            "complete": True}
 
 
 def machine_info(args):
@@ -337,6 +340,8 @@ def summary(result):
         peer = "" if r["x_best_peer"] is None else f"{r['x_best_peer']:.2f}"
         lines.append(f"{r['shape']:<6} {r['form']:<7} {r['variant']:<30} {r['ms']:>8.1f} {r['x_active_dense']:>10.2f} {peer:>13}")
     inf = result["inference"]
+    if inf is None:
+        return "\n".join(lines)
     lines.append(f"inference (seed 000, batch 256): top-3 {inf['top3_ms']:.2f} ms, all 6 {inf['all6_ms']:.2f} ms, "
                  f"ratio {inf['ratio']:.2f} (goal <= {inf['goal']})")
     if result.get("stock"):
@@ -351,7 +356,9 @@ def summary(result):
 def main(argv=None):
     args = parse_args(argv)
     ensure_allocator(args)
-    result = {"machine": machine_info(args), "allocator": "stock" if args.stock else "tuned", **run_benchmark(args)}
+    head = {"machine": machine_info(args), "allocator": "stock" if args.stock else "tuned"}
+    partial = None if args.json_out else (lambda r: write_outputs({**head, **r}, args))
+    result = {**head, **run_benchmark(args, on_progress=partial)}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result))
         return 0

@@ -171,3 +171,35 @@ def dispatch_overhead(d_model: int, d_hidden: int, num_experts: int, k: int, tok
     out = {n: r["median_ms"] for n, r in res.items()}
     out["share_of_active_dense"] = out["dispatch only"] / out["active-dense"]
     return out
+
+
+#: The goals of issue 10, against the active-dense limit (forward + backward, T=8192, 2 threads, fp32).
+GOALS = {"E8": 1.08, "E64": 1.30}
+
+
+def load_recorded(path) -> dict | None:
+    """The table written by ``benchmarks/bench_dispatch.py`` (None if it was never recorded)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def goal_table(bench: dict) -> list[dict]:
+    """Per recorded shape and expert form: ours vs the active-dense limit, the goal, and the peers."""
+    rows = []
+    for shape, goal in GOALS.items():
+        for form in ("mlp", "swiglu"):
+            sel = [r for r in bench["rows"] if r["shape"] == shape and r["form"] == form]
+            ours = next((r for r in sel if r["variant"] == "ours-sorted"), None)
+            if ours is None:
+                continue
+            peers = [r for r in sel if r["variant"].startswith("peer")]
+            rows.append({"shape": shape, "form": form, "ours x active-dense": ours["x_active_dense"], "goal": goal,
+                         "meets goal": ours["x_active_dense"] <= goal,
+                         **{f"{p['variant']} x active-dense": p["x_active_dense"] for p in peers},
+                         "ours / best peer": ours["x_best_peer"] if peers else float("nan")})
+    return rows
