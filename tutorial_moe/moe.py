@@ -22,7 +22,7 @@ from ._validate import check_choice, check_finite, check_int, check_positive_flo
 from .dispatch import DISPATCH_MODES, dispatch as run_dispatch
 from .experts import ACTIVATIONS, ExpertBank
 from .losses import check_loss_weights, compute_aux_losses
-from .routing import ExpertChoiceRouter, Routing, TopKRouter
+from .routing import Routing, layer_router
 
 __all__ = ["MoELayer", "MoE", "SoftMoELayer", "moe_modules", "total_aux_loss"]
 
@@ -82,18 +82,7 @@ class MoELayer(_AuxMixin, nn.Module):
         check_choice("expert", expert, _EXPERT_KINDS, where=where)
         self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES, where=where)
         self.losses = check_loss_weights(_DEFAULT_LOSSES if losses is None else losses, where)
-        if router is None:
-            # k=1 keeps the raw probability as the weight (Switch): renormalising a single weight
-            # makes it exactly 1, and the router would get no gradient from the task loss.
-            router = TopKRouter(d_model, num_experts, k, noisy=noisy, temperature=temperature,
-                                capacity_factor=capacity_factor, normalize=k > 1)
-        else:
-            if not isinstance(router, nn.Module):
-                raise TypeError(f"{where}: router must be an nn.Module returning Routing, got {type(router).__name__}")
-            if getattr(router, "num_experts", num_experts) != num_experts:
-                raise ValueError(f"{where}: router.num_experts={router.num_experts} != num_experts={num_experts}")
-            if capacity_factor is not None:
-                raise ValueError(f"{where}: capacity_factor={capacity_factor} with a custom router; set capacity on the router")
+        router = layer_router(where, d_model, num_experts, k, router, capacity_factor, noisy, temperature)
         self.router = router
         self.experts = ExpertBank(num_experts, d_model, d_hidden, kind=expert)
         self.last_routing: Routing | None = None

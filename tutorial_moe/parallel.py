@@ -43,7 +43,7 @@ from ._validate import check_choice, check_int, check_positive_float
 from .experts import ExpertBank
 from .losses import check_loss_weights
 from .moe import MoELayer, _AuxMixin
-from .routing import Routing, TopKRouter
+from .routing import Routing, layer_router
 
 __all__ = [
     "default_backend", "init_distributed", "expert_shard", "ExpertParallelMoELayer", "AllToAll", "CommCounter",
@@ -301,16 +301,7 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
         self.group = group
         self.rank, self.world_size = _group_info(group)
         self.expert_ids = expert_shard(num_experts, self.world_size, self.rank)
-        if router is None:
-            router = TopKRouter(d_model, num_experts, k, temperature=temperature, capacity_factor=capacity_factor,
-                                normalize=k > 1)  # as MoELayer: k=1 keeps the raw probability (Switch)
-        else:
-            if not isinstance(router, nn.Module):
-                raise TypeError(f"{where}: router must be an nn.Module returning Routing, got {type(router).__name__}")
-            if getattr(router, "num_experts", num_experts) != num_experts:
-                raise ValueError(f"{where}: router.num_experts={router.num_experts} != num_experts={num_experts}")
-            if capacity_factor is not None:
-                raise ValueError(f"{where}: capacity_factor={capacity_factor} with a custom router; set it on the router")
+        router = layer_router(where, d_model, num_experts, k, router, capacity_factor, temperature=temperature)
         if getattr(router, "noisy", False):
             raise ValueError(f"{where}: a noisy router draws different noise on every rank; use noisy=False")
         self.router = router

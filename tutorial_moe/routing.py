@@ -41,6 +41,7 @@ __all__ = [
     "OracleRouter",
     "capacity",
     "apply_capacity",
+    "layer_router",
 ]
 
 
@@ -467,3 +468,22 @@ class HashRouter(_FixedRouter):
         h = (ids * 2654435761 + self.seed * 40503 + 12345) % (2**32)
         h = (h ^ (h >> 16)) % (2**32)
         return h % self.num_experts
+
+
+def layer_router(where: str, d_model: int, num_experts: int, k: int, router: nn.Module | None = None,
+                 capacity_factor: float | None = None, noisy: bool = False, temperature: float = 1.0) -> nn.Module:
+    """The router of an MoE layer: the one given (checked), or the default ``TopKRouter``.
+
+    The default keeps the raw probability as the weight when k = 1 (Switch): renormalising a single
+    weight makes it exactly 1, and the router would get no gradient from the task loss.
+    """
+    if router is None:
+        return TopKRouter(d_model, num_experts, k, noisy=noisy, temperature=temperature,
+                          capacity_factor=capacity_factor, normalize=k > 1)
+    if not isinstance(router, nn.Module):
+        raise TypeError(f"{where}: router must be an nn.Module returning Routing, got {type(router).__name__}")
+    if getattr(router, "num_experts", num_experts) != num_experts:
+        raise ValueError(f"{where}: router.num_experts={router.num_experts} != num_experts={num_experts}")
+    if capacity_factor is not None:
+        raise ValueError(f"{where}: capacity_factor={capacity_factor} with a custom router; set capacity on the router")
+    return router
