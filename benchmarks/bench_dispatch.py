@@ -91,7 +91,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tutorial_moe as tm  # noqa: E402
-from tutorial_moe.dispatch import grouped_mm_available  # noqa: E402
+from tutorial_moe.dispatch import choose_dispatch, grouped_mm_available  # noqa: E402
 
 
 class ActiveDenseMLP(nn.Module):
@@ -262,6 +262,7 @@ def run_benchmark(args, on_progress=None) -> dict:
             layer, variants = make_variants(shape, form, args, device, dtype, notes)
             x = torch.randn(shape["T"], shape["d_model"], device=device, dtype=dtype, requires_grad=True)
             gy = torch.randn(shape["T"], shape["d_model"], device=device, dtype=dtype)
+            auto = f"ours-{choose_dispatch(layer.experts, x)}"  # what MoELayer's default dispatch runs here
             diffs = check_agreement(layer, variants, x, tol)
             ms = time_variants(variants, x, gy, args, device)
             base = ms["active-dense"]
@@ -272,7 +273,7 @@ def run_benchmark(args, on_progress=None) -> dict:
                     "shape": shape["name"], "form": form, "variant": name, "ms": round(t, 3),
                     "x_active_dense": round(t / base, 3),
                     "x_best_peer": round(t / best_peer, 3) if best_peer else None,
-                    "max_abs_diff_vs_oracle": diffs.get(name),
+                    "max_abs_diff_vs_oracle": diffs.get(name), "auto": name == auto,
                     **{k: shape[k] for k in ("E", "d_model", "d_hidden", "k", "T")},
                 })
             print(f"[{shape['name']}/{form}] " + ", ".join(f"{n}={t:.1f}ms ({t / base:.2f}x)" for n, t in ms.items()),
@@ -335,10 +336,11 @@ def write_outputs(result, args):
 
 
 def summary(result):
-    lines = ["", "shape  form    variant                          ms    x active-dense   x best peer"]
+    lines = ["", "shape  form    variant (* = what dispatch='auto' runs)    ms    x active-dense   x best peer"]
     for r in result["rows"]:
         peer = "" if r["x_best_peer"] is None else f"{r['x_best_peer']:.2f}"
-        lines.append(f"{r['shape']:<6} {r['form']:<7} {r['variant']:<30} {r['ms']:>8.1f} {r['x_active_dense']:>10.2f} {peer:>13}")
+        name = r["variant"] + (" *" if r.get("auto") else "")
+        lines.append(f"{r['shape']:<6} {r['form']:<7} {name:<30} {r['ms']:>8.1f} {r['x_active_dense']:>10.2f} {peer:>13}")
     inf = result["inference"]
     if inf is None:
         return "\n".join(lines)
@@ -347,7 +349,7 @@ def summary(result):
     if result.get("stock"):
         lines.append("stock malloc: " + ", ".join(
             f"{r['shape']}/{r['form']}/{r['variant']}={r['x_active_dense']:.2f}x"
-            for r in result["stock"]["rows"] if r["variant"] in ("ours-sorted",) or r["variant"].startswith("peer")))
+            for r in result["stock"]["rows"] if r.get("auto") or r["variant"].startswith("peer")))
     for n in result.get("notes", []):
         lines.append("note: " + n)
     return "\n".join(lines)

@@ -173,3 +173,17 @@ def test_bad_input_is_rejected_with_a_clear_message(name):
 
 def test_there_are_at_least_30_cases():
     assert len(CASES) >= 30
+
+
+def test_finite_check_does_not_flag_a_sum_that_overflows():
+    """check_finite first sums (one pass); a sum that overflows from finite values must not raise."""
+    from tutorial_moe._validate import check_finite
+
+    big = torch.full((4, 3), 3e38)
+    check_finite(big, where="t")
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        x = big.clone()
+        x[2, 1] = bad
+        with pytest.raises(ValueError, match="1 non-finite"):
+            check_finite(x, where="t")
+    check_finite(torch.arange(6).reshape(2, 3), where="t")  # integers are always finite

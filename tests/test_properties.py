@@ -144,3 +144,22 @@ def test_output_is_permutation_equivariant_without_capacity(setup, mode, rnd):
     rnd.shuffle(order)
     perm = torch.tensor(order)
     assert torch.allclose(layer(x[perm]), layer(x)[perm], atol=1e-5)
+
+
+@given(T=st.integers(1, 20), E=st.integers(1, 9), k=st.integers(1, 3), seed=st.integers(0, 2**16),
+       ties=st.booleans(), neg_inf=st.booleans())
+def test_top_indices_agrees_with_topk(T, E, k, seed, ties, neg_inf):
+    """The argmax fast path picks the same top-k scores as topk, best first, k distinct columns."""
+    from tutorial_moe.routing import top_indices
+
+    k = min(k, E)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 3, (T, E), generator=g).float() if ties else torch.randn(T, E, generator=g)
+    if neg_inf:  # whole rows of -inf but one column: the second pick must still be a new column
+        scores[:, 1:] = float("-inf")
+    idx = top_indices(scores, k)
+    assert idx.shape == (T, k)
+    assert all(len(set(row)) == k for row in idx.tolist())
+    picked = scores.gather(1, idx)
+    ref = scores.topk(k, dim=-1).values
+    assert torch.equal(picked, ref)  # same values in the same (descending) order

@@ -55,7 +55,11 @@ def check_tokens(x, d_model: int | None, *, where: str, name: str = "x") -> torc
 
 
 def check_finite(x: torch.Tensor, *, where: str, name: str = "x") -> None:
-    # One reduction; cheap next to a matmul and it turns silent NaN routing into a clear error.
+    # NaN and inf survive a sum, so a finite sum proves every entry finite: one cheap reduction
+    # (isfinite(x).all() costs 4 passes, ~2 % of an MoE layer). A non-finite sum may be overflow
+    # of finite values, so only then is every entry checked.
+    if x.is_floating_point() and bool(torch.isfinite(x.sum())):
+        return
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).sum().item()
         raise ValueError(f"{where}: {name} contains {bad} non-finite values (NaN or inf); inputs must be finite")

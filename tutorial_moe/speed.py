@@ -189,16 +189,19 @@ def load_recorded(path) -> dict | None:
 
 
 def goal_table(bench: dict) -> list[dict]:
-    """Per recorded shape and expert form: ours vs the active-dense limit, the goal, and the peers."""
+    """Per recorded shape and expert form: ours (the mode ``dispatch="auto"`` ran; recordings older
+    than that flag count ``sorted``) vs the active-dense limit, the goal, and the peers."""
     rows = []
     for shape, goal in GOALS.items():
         for form in ("mlp", "swiglu"):
             sel = [r for r in bench["rows"] if r["shape"] == shape and r["form"] == form]
-            ours = next((r for r in sel if r["variant"] == "ours-sorted"), None)
+            ours = next((r for r in sel if r.get("auto")), None) or next(
+                (r for r in sel if r["variant"] == "ours-sorted"), None)
             if ours is None:
                 continue
             peers = [r for r in sel if r["variant"].startswith("peer")]
-            rows.append({"shape": shape, "form": form, "ours x active-dense": ours["x_active_dense"], "goal": goal,
+            rows.append({"shape": shape, "form": form, "ours (auto)": ours["variant"].removeprefix("ours-"),
+                         "ours x active-dense": ours["x_active_dense"], "goal": goal,
                          "meets goal": ours["x_active_dense"] <= goal,
                          **{f"{p['variant']} x active-dense": p["x_active_dense"] for p in peers},
                          "ours / best peer": ours["x_best_peer"] if peers else float("nan")})
