@@ -187,3 +187,13 @@ def test_finite_check_does_not_flag_a_sum_that_overflows():
         with pytest.raises(ValueError, match="1 non-finite"):
             check_finite(x, where="t")
     check_finite(torch.arange(6).reshape(2, 3), where="t")  # integers are always finite
+
+
+@pytest.mark.parametrize("router", ["topk", "oracle"])
+def test_whole_network_moe_rejects_non_finite_input(router):
+    from tutorial_moe import MLPExpert, MoE, OracleRouter
+
+    r = TopKRouter(D, 2, 1) if router == "topk" else OracleRouter(2, assignment=[0, 1])
+    moe = MoE([MLPExpert(D, 4, 3) for _ in range(2)], r)
+    with pytest.raises(ValueError, match="NaN"):
+        moe(_nan_tokens(), torch.zeros(len(_nan_tokens()), dtype=torch.long))

@@ -284,3 +284,63 @@ def test_all_tokens_dropped_gives_zeros_in_every_mode():
     for mode in [m for m in DISPATCH_MODES if m != "grouped" or grouped_mm_available("cpu", torch.float32)]:
         out = dispatch(mode, layer.experts, x, routing)
         assert torch.equal(out, torch.zeros_like(x)), mode
+
+
+@pytest.mark.parametrize("combine", ["logits", "probs"])
+@pytest.mark.parametrize("router_name", ["softmax", "topk", "topk_capacity_loop_safe", "oracle"])
+def test_whole_network_auto_inference_matches_oracle(router_name, combine):
+    """Without autograd, 'auto' runs plain MLPExperts from stacked weights; same outputs as the oracle."""
+    experts = [MLPExpert(D, 5, 3, activation="relu") for _ in range(3)]
+    router = {"softmax": lambda: _spread(SoftmaxRouter(D, 3)), "topk": lambda: _spread(TopKRouter(D, 3, 2)),
+              "topk_capacity_loop_safe": lambda: _spread(TopKRouter(D, 3, 2, capacity_factor=1.0)),
+              "oracle": lambda: OracleRouter(3, assignment=[0, 2, 2])}[router_name]()
+    moe = MoE(experts, router, dispatch="auto", combine=combine).eval()
+    x, ids = torch.randn(8, D), torch.arange(8) % 3
+    with torch.no_grad():
+        out = moe(x, ids)
+        assert moe._plain_mlp_experts() is not None  # the stacked path really ran
+        moe.dispatch = "loop"
+        ref = moe(x, ids)
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(out))
+    assert float((out - ref)[finite].abs().max()) <= TOL
+
+
+def test_whole_network_inference_cache_follows_weight_updates():
+    torch.manual_seed(0)
+    moe = MoE([MLPExpert(D, 5, 3) for _ in range(3)], _spread(TopKRouter(D, 3, 2)), dispatch="auto").eval()
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        before = moe(x)
+        moe.experts[1].fc_in.weight.add_(1.0)  # in place: the cached stack must be rebuilt
+        after = moe(x)
+        moe.dispatch = "dense"
+        ref = moe(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, ref, atol=TOL)
+
+
+def test_whole_network_auto_keeps_the_module_loop_when_it_cannot_stack():
+    """Gradients needed, a LayerNorm, or mixed shapes: 'auto' must fall back to the per-expert loop."""
+    moe = MoE([MLPExpert(D, 5, 3) for _ in range(3)], TopKRouter(D, 3, 2), dispatch="auto")
+    assert moe._plain_mlp_experts() is None  # autograd on and weights require grad
+    mixed = MoE([MLPExpert(D, 5, 3), MLPExpert(D, 5, 3, layer_norm=True), MLPExpert(D, 5, 3)], TopKRouter(D, 3, 2),
+                dispatch="auto")
+    with torch.no_grad():
+        assert mixed._plain_mlp_experts() is None
+        out = mixed(torch.randn(4, D))
+    assert out.shape == (4, 3)
+
+
+def test_whole_network_inference_cache_follows_dtype_moves():
+    torch.manual_seed(0)
+    moe = MoE([MLPExpert(D, 5, 3) for _ in range(3)], _spread(TopKRouter(D, 3, 2)), dispatch="auto").eval()
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        moe(x)
+        moe.double()  # swaps each parameter's .data in place: same objects, new storage and dtype
+        out = moe(x.double())
+        moe.dispatch = "loop"
+        ref = moe(x.double())
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, ref, atol=1e-12)
