@@ -23,6 +23,7 @@ from .experts import ACTIVATIONS, ExpertBank
 from .routing import Routing
 
 __all__ = ["DISPATCH_MODES", "dispatch", "dispatch_dense", "dispatch_loop", "dispatch_sorted", "dispatch_grouped",
+           "expert_slices", "combine_pairs",
            "grouped_mm_available", "choose_dispatch"]
 
 DISPATCH_MODES = ("dense", "loop", "sorted", "grouped", "auto")
@@ -57,8 +58,8 @@ def _sorted_pairs(routing: Routing):
         k = idx.shape[1]
         flat_e = idx.reshape(-1)
         w = routing.weights.gather(1, idx).reshape(-1)
-        keep = routing.mask.gather(1, idx).reshape(-1)
         pos = torch.arange(flat_e.numel(), device=flat_e.device)
+        keep = routing.mask.gather(1, idx).reshape(-1)
         if not bool(keep.all()):
             sel = keep.nonzero().squeeze(1)
             flat_e, w, pos = flat_e.index_select(0, sel), w.index_select(0, sel), sel
@@ -68,6 +69,17 @@ def _sorted_pairs(routing: Routing):
         return t_idx, e_idx, w.index_select(0, order), torch.bincount(flat_e, minlength=E)
     t_idx, e_idx = routing.assignments()
     return t_idx, e_idx, routing.weights[t_idx, e_idx], routing.mask.sum(0)
+
+
+def expert_slices(counts) -> list[tuple[int, slice]]:
+    """``(expert, row slice)`` of every expert with tokens, for rows sorted by expert with ``counts``
+    rows each (a sequence of ints)."""
+    out, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, slice(start, start + c)))
+            start += c
+    return out
 
 
 class _CombinePairs(torch.autograd.Function):
@@ -112,14 +124,10 @@ class _SortedMLP(torch.autograd.Function):
         pre = xs.new_empty(n, h)
         act = xs.new_empty(n, h)
         y = xs.new_empty(n, d)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                sl = slice(start, start + c)
-                torch.addmm(b1[e], xs[sl], w1[e], out=pre[sl])
-                act[sl] = torch.nn.functional.gelu(pre[sl])
-                torch.addmm(b2[e], act[sl], w2[e], out=y[sl])
-                start += c
+        for e, sl in expert_slices(counts):
+            torch.addmm(b1[e], xs[sl], w1[e], out=pre[sl])
+            act[sl] = torch.nn.functional.gelu(pre[sl])
+            torch.addmm(b2[e], act[sl], w2[e], out=y[sl])
         ctx.counts = counts
         ctx.save_for_backward(xs, pre, act, w1, w2)
         return y
@@ -131,18 +139,14 @@ class _SortedMLP(torch.autograd.Function):
         gx = torch.empty_like(xs)
         gw1, gb1 = torch.zeros_like(w1), w1.new_zeros(w1.shape[0], w1.shape[2])
         gw2, gb2 = torch.zeros_like(w2), w2.new_zeros(w2.shape[0], w2.shape[2])
-        start = 0
-        for e, c in enumerate(ctx.counts):
-            if c:
-                sl = slice(start, start + c)
-                g = gy[sl]
-                torch.mm(act[sl].t(), g, out=gw2[e])
-                torch.sum(g, 0, out=gb2[e])
-                gpre = torch.ops.aten.gelu_backward(g @ w2[e].t(), pre[sl])
-                torch.mm(xs[sl].t(), gpre, out=gw1[e])
-                torch.sum(gpre, 0, out=gb1[e])
-                torch.mm(gpre, w1[e].t(), out=gx[sl])
-                start += c
+        for e, sl in expert_slices(ctx.counts):
+            g = gy[sl]
+            torch.mm(act[sl].t(), g, out=gw2[e])
+            torch.sum(g, 0, out=gb2[e])
+            gpre = torch.ops.aten.gelu_backward(g @ w2[e].t(), pre[sl])
+            torch.mm(xs[sl].t(), gpre, out=gw1[e])
+            torch.sum(gpre, 0, out=gb1[e])
+            torch.mm(gpre, w1[e].t(), out=gx[sl])
         return gx, None, gw1, gb1, gw2, gb2
 
 
@@ -154,15 +158,11 @@ class _SortedSwiGLU(torch.autograd.Function):
         n, h, d = xs.shape[0], wg.shape[2], wd.shape[2]
         g, u, a = xs.new_empty(n, h), xs.new_empty(n, h), xs.new_empty(n, h)
         y = xs.new_empty(n, d)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                sl = slice(start, start + c)
-                torch.mm(xs[sl], wg[e], out=g[sl])
-                torch.mm(xs[sl], wu[e], out=u[sl])
-                torch.mul(torch.nn.functional.silu(g[sl]), u[sl], out=a[sl])
-                torch.mm(a[sl], wd[e], out=y[sl])
-                start += c
+        for e, sl in expert_slices(counts):
+            torch.mm(xs[sl], wg[e], out=g[sl])
+            torch.mm(xs[sl], wu[e], out=u[sl])
+            torch.mul(torch.nn.functional.silu(g[sl]), u[sl], out=a[sl])
+            torch.mm(a[sl], wd[e], out=y[sl])
         ctx.counts = counts
         ctx.save_for_backward(xs, g, u, a, wg, wu, wd)
         return y
@@ -173,20 +173,16 @@ class _SortedSwiGLU(torch.autograd.Function):
         gy = gy.contiguous()
         gx = torch.empty_like(xs)
         gwg, gwu, gwd = torch.zeros_like(wg), torch.zeros_like(wu), torch.zeros_like(wd)
-        start = 0
-        for e, c in enumerate(ctx.counts):
-            if c:
-                sl = slice(start, start + c)
-                gye = gy[sl]
-                torch.mm(a[sl].t(), gye, out=gwd[e])
-                ga = gye @ wd[e].t()
-                gu = ga * torch.nn.functional.silu(g[sl])
-                gg = torch.ops.aten.silu_backward(ga * u[sl], g[sl])
-                torch.mm(xs[sl].t(), gg, out=gwg[e])
-                torch.mm(xs[sl].t(), gu, out=gwu[e])
-                torch.mm(gg, wg[e].t(), out=gx[sl])
-                gx[sl].addmm_(gu, wu[e].t())
-                start += c
+        for e, sl in expert_slices(ctx.counts):
+            gye = gy[sl]
+            torch.mm(a[sl].t(), gye, out=gwd[e])
+            ga = gye @ wd[e].t()
+            gu = ga * torch.nn.functional.silu(g[sl])
+            gg = torch.ops.aten.silu_backward(ga * u[sl], g[sl])
+            torch.mm(xs[sl].t(), gg, out=gwg[e])
+            torch.mm(xs[sl].t(), gu, out=gwu[e])
+            torch.mm(gg, wg[e].t(), out=gx[sl])
+            gx[sl].addmm_(gu, wu[e].t())
         return gx, None, gwg, gwu, gwd
 
 
@@ -247,11 +243,8 @@ class _AddExpertBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, bias, counts, e_idx):
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                h[start : start + c].add_(bias[e])
-                start += c
+        for e, sl in expert_slices(counts):
+            h[sl].add_(bias[e])
         ctx.mark_dirty(h)
         ctx.save_for_backward(e_idx)
         ctx.num_experts = bias.shape[0]

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import check_choice, check_finite, check_int, check_positive_float
-from .dispatch import DISPATCH_MODES, _sorted_pairs, dispatch as run_dispatch
+from .dispatch import DISPATCH_MODES, _sorted_pairs, dispatch as run_dispatch, expert_slices
 from .experts import ACTIVATIONS, ExpertBank, MLPExpert
 from .losses import check_loss_weights, compute_aux_losses
 from .routing import Router, Routing, layer_router
@@ -200,11 +200,7 @@ class MoE(_AuxMixin, nn.Module):
         xs = flat.index_select(0, t_idx)
         n = xs.shape[0]
         h, y = xs.new_empty(n, params[0][0].shape[0]), xs.new_empty(n, params[0][2].shape[0])
-        slices, start = [], 0
-        for e, c in enumerate(counts.tolist()):
-            if c:
-                slices.append((params[e], slice(start, start + c)))
-                start += c
+        slices = [(params[e], sl) for e, sl in expert_slices(counts.tolist())]
         # nn.Linear's (out, in) weights used through a transposed view, as F.linear does: measured
         # as fast as contiguous transposed copies for the wide first layer, faster for the 10-wide last.
         for (w1, b1, _, _), sl in slices:
