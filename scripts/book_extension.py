@@ -120,7 +120,7 @@ def check_cache(app, env, docnames):
     if uncached and not cache_only:
         # A chapter that reads the other chapters' saved results (the verdicts) must run after
         # them in the same build, or its cached table would show the previous run's numbers.
-        # Sphinx reads documents in sorted order, so 14_verdicts runs after 00-13.
+        # Sphinx reads documents in sorted order, so 17_verdicts runs after 00-13.
         readers = [d for d in cached
                    if READS_RESULTS.search(Path(env.doc2path(d)).read_text(encoding="utf-8"))]
         for docname in readers:

@@ -15,7 +15,7 @@ into _build/screenshots/. A page fails when:
   manager), an animation whose frame never loaded, or an output box with nothing in it;
 - a chapter (a notebook page) lacks its Binder, Colab or Thebe launch button.
 
-Usage: scripts/check_pages.py [--junitxml FILE] [--pages book/intro book/01_brainy ...]
+Usage: scripts/check_pages.py [--junitxml FILE] [--pages book/intro book/02_brainy ...]
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for tutorial_moe.brainy (Part I experiments): exact oracles on small shapes, properties, bad input."""
+"""Tests for tutorial_moe.experiments.brainy (Part I experiments): exact oracles on small shapes, properties, bad input."""
 import itertools
 import statistics
 
@@ -8,8 +8,8 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tutorial_moe import brainy
-from tutorial_moe.brainy import (
+from tutorial_moe.experiments import brainy
+from tutorial_moe.experiments.brainy import (
     REGIMES,
     FlattenGate,
     RoutingTrace,
@@ -384,7 +384,7 @@ def test_module_exports_exist():
 
 
 def test_train_schedule_follows_any_schedule():
-    from tutorial_moe.brainy import train_schedule
+    from tutorial_moe.experiments.brainy import train_schedule
     train, test = images(48, seed=1), images(16, seed=2)
     run = train_schedule([4, 2, 1], train, test, num_experts=4, hidden=3, image_size=S, batch_size=16)
     assert [e["k"] for e in run.history.epochs] == [4, 2, 1]
@@ -398,7 +398,7 @@ def test_train_schedule_follows_any_schedule():
 
 
 def test_predict_batches_and_restores_mode():
-    from tutorial_moe.brainy import predict
+    from tutorial_moe.experiments.brainy import predict
     torch.manual_seed(0)
     model = dense_brainy(4, image_size=S).train()
     x, _ = images(10)
@@ -411,7 +411,7 @@ def test_predict_batches_and_restores_mode():
 
 
 def test_train_regime_with_conv_experts():
-    # the FULL-mode path of chapter 04 (convolutional experts), on tiny images
+    # the FULL-mode path of chapter 05 (convolutional experts), on tiny images
     train, test = images(24, size=8, seed=1), images(8, size=8, seed=2)
     run = train_regime("gradual", train, test, epochs=2, num_experts=3, k=2, hidden=4, image_size=8, expert="conv",
                        batch_size=12)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from tutorial_moe.corpus import (
+from tutorial_moe.experiments.corpus import (
     CHAR_CLASSES, DOMAINS, VOCAB, VOCAB_SIZE, arithmetic_text, build_corpus, char_classes, code_text, decode,
     encode, eval_windows, prose_text, sample_batch,
 )
@@ -114,7 +114,7 @@ def test_bad_arguments_name_themselves():
 
 
 def test_check_arithmetic_scores_complete_lines():
-    from tutorial_moe.corpus import check_arithmetic
+    from tutorial_moe.experiments.corpus import check_arithmetic
 
     text = "3=4\n12+7=19\n5*6=31\n9-12=-3\nhello\n7*7=4"
     assert check_arithmetic(text) == {"lines": 4, "well_formed": 3, "correct": 2}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tutorial_moe import MoELayer, OracleRouter, TopKRouter
 from tutorial_moe.blocks import TokenRegressor
-from tutorial_moe.debugging import (
+from tutorial_moe.experiments.debugging import (
     GradientMonitor,
     detect_collapse,
     expert_gradient_norms,

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from tutorial_moe import MoELayer
-from tutorial_moe.corpus import CHAR_CLASSES, DOMAINS, build_corpus, char_classes, eval_windows
-from tutorial_moe.lm import (
+from tutorial_moe.experiments.corpus import CHAR_CLASSES, DOMAINS, build_corpus, char_classes, eval_windows
+from tutorial_moe.experiments.lm import (
     DenseFFN, LMConfig, TinyLM, collect_lm_routing, evaluate_lm, ffn_modules, generate, lm_loss, parameter_counts,
     train_lm,
 )
 from tutorial_moe.metrics import specialization
-from tutorial_moe.smoe import SMoELayer
+from tutorial_moe.experiments.smoe import SMoELayer
 
 TINY = LMConfig(context=16, d_model=16, n_layers=2, n_heads=2, d_hidden=24, num_experts=3)
 KINDS = [dict(ffn="dense"), dict(ffn="moe"), dict(ffn="moe", k=2), dict(ffn="moe", router="oracle"),
@@ -169,7 +169,7 @@ def test_collect_lm_routing_labels_line_up(corpus):
 
 
 def test_compare_seeds_uses_the_seed_spread_as_noise():
-    from tutorial_moe.lm import compare_seeds
+    from tutorial_moe.experiments.lm import compare_seeds
 
     r = compare_seeds([2.0, 2.1], [2.5, 2.45])
     assert r["noise"] == pytest.approx(0.1) and r["verdict"] == "better"
@@ -181,7 +181,7 @@ def test_compare_seeds_uses_the_seed_spread_as_noise():
 
 
 def test_paired_difference_standard_error():
-    from tutorial_moe.lm import paired_difference
+    from tutorial_moe.experiments.lm import paired_difference
 
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
     r = paired_difference(a, a + torch.tensor([0.1, 0.3, 0.1, 0.3]))

@@ -12,7 +12,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from tutorial_moe import MoELayer  # noqa: E402
 from tutorial_moe.blocks import TokenRegressor  # noqa: E402
-from tutorial_moe.plots import DASHBOARD_PANELS, plot_bars, plot_dashboard, plot_lines  # noqa: E402
+from tutorial_moe.book.plots import DASHBOARD_PANELS, plot_bars, plot_dashboard, plot_lines  # noqa: E402
 from tutorial_moe.train import fit  # noqa: E402
 
 

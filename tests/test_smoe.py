@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tutorial_moe.lm import DenseFFN, LMConfig, TinyLM, ffn_modules
-from tutorial_moe.smoe import SMoELayer, make_masks, mask_ensemble, reach_summary, route_override, gradient_reach
+from tutorial_moe.experiments.lm import DenseFFN, LMConfig, TinyLM, ffn_modules
+from tutorial_moe.experiments.smoe import SMoELayer, make_masks, mask_ensemble, reach_summary, route_override, gradient_reach
 
 TINY = LMConfig(context=12, d_model=16, n_layers=2, n_heads=2, d_hidden=24, num_experts=3)
 
@@ -165,7 +165,7 @@ def test_random_router_draws_from_the_global_generator_and_covers_all_masks():
 
 
 def test_subnetwork_reach_of_the_rare_domain():
-    from tutorial_moe.smoe import subnetwork_reach, unit_reach
+    from tutorial_moe.experiments.smoe import subnetwork_reach, unit_reach
 
     x, y = torch.randint(96, (4, 12)), torch.randint(96, (4, 12))
     d = torch.tensor([0, 0, 0, 1]).repeat_interleave(12).view(4, 12)  # domain 1 is rare: 1/4 of tokens

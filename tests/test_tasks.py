@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from tutorial_moe.tasks import MixtureOfRegimes, RegimeSplit, r2_score
+from tutorial_moe.experiments.tasks import MixtureOfRegimes, RegimeSplit, r2_score
 
 
 def test_shapes_dtypes_and_balanced_regimes():

@@ -6,8 +6,8 @@ import torch
 
 from tutorial_moe import HashRouter, MLPExpert, MoELayer, SoftMoELayer
 from tutorial_moe.blocks import TokenGroups
-from tutorial_moe.debugging import GradientMonitor
-from tutorial_moe.token_runs import TokenConfig, TokenRun, score_token_model, train_token_model
+from tutorial_moe.experiments.debugging import GradientMonitor
+from tutorial_moe.experiments.token_runs import TokenConfig, TokenRun, score_token_model, train_token_model
 
 TINY = TokenConfig(num_regimes=3, d_in=4, d_out=2, n_train=96, n_test=48, n_val=24, n_probe=16, d_model=8,
                    d_hidden=8, num_experts=3, batch_size=32, epochs=2)

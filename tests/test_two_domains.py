@@ -11,7 +11,7 @@ from tutorial_moe.data import DataSplit
 from tutorial_moe.losses import switch_balance_loss
 from tutorial_moe.routing import Routing, TopKRouter
 from tutorial_moe.experts import ConvGate
-from tutorial_moe.two_domains import (
+from tutorial_moe.experiments.two_domains import (
     LOSS_SETTINGS, OUTCOMES, ExperimentConfig, RunResult, activation_table_rows, build_model, class_rate_rows,
     classify_outcome, domain_gap, format_activation_table, gate_values, mean_std, measure_routing, outcome_counts,
     run, seed_gate_losses, summary_rows,
@@ -120,7 +120,7 @@ def test_noisy_top1_reads_images_and_provides_load():
 
 
 def test_switch_loss_is_constant_on_a_soft_gate():
-    """Why chapter 06 gives the Switch loss a top-1 router: with every expert selected it is 1."""
+    """Why chapter 07 gives the Switch loss a top-1 router: with every expert selected it is 1."""
     probs = torch.softmax(torch.randn(32, 2, requires_grad=True), -1)
     loss = switch_balance_loss(probs, torch.ones(32, 2, dtype=torch.bool))
     assert loss.item() == pytest.approx(1.0)
@@ -242,7 +242,7 @@ def test_tables_and_counts():
 
 
 def test_usage_imbalance_and_verdict_helpers():
-    from tutorial_moe.two_domains import frequency_verdict, paired_difference, usage_imbalance
+    from tutorial_moe.experiments.two_domains import frequency_verdict, paired_difference, usage_imbalance
 
     assert usage_imbalance([0.5, 0.5]) == 0 and usage_imbalance([1.0, 0.0]) == pytest.approx(0.5)
     assert usage_imbalance([0.25] * 4) == 0 and usage_imbalance([1, 0, 0, 0]) == pytest.approx(0.75)
@@ -258,7 +258,7 @@ def test_usage_imbalance_and_verdict_helpers():
 
 
 def test_direction_and_claim_verdict():
-    from tutorial_moe.two_domains import claim_verdict, direction, paired_difference
+    from tutorial_moe.experiments.two_domains import claim_verdict, direction, paired_difference
 
     up = paired_difference([0.8, 0.82, 0.79], [0.7, 0.71, 0.72])
     down = paired_difference([0.7, 0.71, 0.72], [0.8, 0.82, 0.79])
@@ -279,7 +279,7 @@ def test_direction_and_claim_verdict():
 
 
 def test_seed_loss_trainer_labels_and_applies_the_loss():
-    from tutorial_moe.two_domains import seed_loss_trainer
+    from tutorial_moe.experiments.two_domains import seed_loss_trainer
 
     train, test = fake_split(32), fake_split(20, seed=1)
     fn = seed_loss_trainer("dense", train, test, TINY.replace(epochs=1), seed=0)

@@ -1,4 +1,4 @@
-"""Chapter 06's gate-loss explorer, driven programmatically (no browser, no training)."""
+"""Chapter 07's gate-loss explorer, driven programmatically (no browser, no training)."""
 from types import SimpleNamespace
 
 import matplotlib
@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 
 import pytest
 
-from tutorial_moe.widgets.gate_losses import (
+from tutorial_moe.book.widgets.gate_losses import (
     LOSS_KINDS, GateLossExplorer, GateLossGrid, grid_animation, grid_key, nearest_value, plot_setting,
 )
 

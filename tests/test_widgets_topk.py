@@ -1,4 +1,4 @@
-"""Chapter 04's widgets, driven programmatically: set values, click, check what changed."""
+"""Chapter 05's widgets, driven programmatically: set values, click, check what changed."""
 import matplotlib
 
 matplotlib.use("Agg")
@@ -6,8 +6,8 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from tutorial_moe.brainy import brainy_moe, train_schedule
-from tutorial_moe.widgets.topk import (RetrainPanel, TopKExplorer, parse_schedule, table_from_runs,
+from tutorial_moe.experiments.brainy import brainy_moe, train_schedule
+from tutorial_moe.book.widgets.topk import (RetrainPanel, TopKExplorer, parse_schedule, table_from_runs,
                                        topk_animation)
 
 S = 6

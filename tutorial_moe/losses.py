@@ -162,7 +162,7 @@ LOSSES = {
     "sample_variance": lambda r, y: sample_variance_loss(r.probs),
     # Seed 004 read literally ("variance instead of entropy", signs kept): maximise the batch
     # variance and minimise the sample variance - the opposite direction of the two above, so it
-    # rewards a batch that uses one expert (chapter 06 tests whether this explains the seed's collapse).
+    # rewards a batch that uses one expert (chapter 07 tests whether this explains the seed's collapse).
     "neg_batch_variance": lambda r, y: -batch_variance_loss(r.probs),
     "neg_sample_variance": lambda r, y: -sample_variance_loss(r.probs),
     "diversity": lambda r, y: diversity_loss(y),

@@ -30,7 +30,7 @@ _EXPERT_KINDS = ("mlp", "swiglu")
 
 
 def _profiler_label(name: str):
-    """A torch.profiler range (tutorial_moe.debugging.profile_training reads them), entered only while
+    """A torch.profiler range (tutorial_moe.experiments.debugging.profile_training reads them), entered only while
     a profiler runs: an idle ``record_function`` costs about as much as a small matmul."""
     if torch.autograd._profiler_enabled():
         return torch.profiler.record_function(name)

@@ -3,7 +3,7 @@
 :class:`RoutingMonitor` routes a fixed probe set (held-out tokens with known labels) every few
 steps and records seed 002's monitoring list - utilisation, routing entropy, specialisation, load
 balance - plus the dropped fraction and how many probe tokens changed expert since the last probe
-(routing instability). ``tutorial_moe.plots.plot_dashboard`` draws the records.
+(routing instability). ``tutorial_moe.book.plots.plot_dashboard`` draws the records.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def compute_per_token(layer: nn.Module, routing: Routing) -> dict:
     ``expert_evals``: expert applications per token (routed pairs / T; Soft MoE: slots / T).
     ``flops``: multiply-adds x 2 of the experts plus the router (gate matmuls; Soft MoE's slot
     mixing). Elementwise work (activations, softmax, sorting) is left out: it is small next to the
-    matmuls at realistic widths, and a profile (chapter 09) shows what it costs at this size.
+    matmuls at realistic widths, and a profile (chapter 10) shows what it costs at this size.
     """
     from .blocks import TokenGroups  # local: blocks imports nothing from here
 
