@@ -23,25 +23,29 @@ from tutorial_moe.offload import (
     simulate_requests,
     trace_generation,
 )
+from tutorial_moe.offload import _simulate
 from tutorial_moe.shared_experts import SharedExpertMoE
 
 
 # ---------------------------------------------------------------- brute-force caches
-def lru_oracle(seq, C):
+def lru_oracle(seq, C, demand=None):
     """On a miss with a full cache, evict the resident item whose latest use (scanning the whole
-    history) is oldest."""
-    cache, hits = [], 0
+    history, prefetches included) is oldest. ``demand[i]`` False marks a prefetch: it loads a
+    missing item like a miss but is not counted as a hit or a miss. Returns (hits, prefetch loads)."""
+    demand = [True] * len(seq) if demand is None else demand
+    cache, hits, loads = [], 0, 0
     for i, key in enumerate(seq):
         if key in cache:
-            hits += 1
+            hits += demand[i]
             continue
         if C == 0:
             continue
+        loads += not demand[i]
         if len(cache) == C:
             last = {r: max(j for j in range(i) if seq[j] == r) for r in cache}
             cache.remove(min(cache, key=lambda r: last[r]))
         cache.append(key)
-    return hits
+    return hits, loads
 
 
 def lfu_oracle(seq, C):
@@ -84,7 +88,15 @@ sequences = st.lists(st.integers(0, 5), min_size=0, max_size=40)
 
 @given(seq=sequences, C=st.integers(0, 7))
 def test_lru_matches_brute_force(seq, C):
-    assert simulate_requests(seq, C, "lru") == lru_oracle(seq, C)
+    assert simulate_requests(seq, C, "lru") == lru_oracle(seq, C)[0]
+
+
+@given(events=st.lists(st.tuples(st.integers(0, 5), st.booleans()), max_size=40), C=st.integers(0, 7))
+def test_lru_with_prefetches_matches_brute_force(events, C):
+    seq, demand = [k for k, _ in events], [d for _, d in events]
+    hits, demands, loads = _simulate(events, C, "lru", "cold")
+    assert (hits, loads) == lru_oracle(seq, C, demand)
+    assert demands == sum(demand)
 
 
 @given(seq=sequences, C=st.integers(0, 7))
@@ -304,3 +316,69 @@ def test_trace_errors():
 def test_cache_result_without_bytes():
     r = CacheResult("lru", 2, "layer", 0, 0)
     assert r.hit_rate == 1.0 and r.bytes_moved is None and r.bytes_per_token is None
+
+
+# ---------------------------------------------------------------- next-layer prediction (prefetch)
+def test_predictions_are_the_next_router_on_the_previous_input():
+    model = TinyModel().eval()
+    tokens, step = _generate(model, 4)
+    trace = trace_generation(model, step, 4, predict_next=True)
+    assert all(p[0] is None for p in trace.predicted)
+    with torch.no_grad():
+        for s in range(4):
+            h = model.emb(torch.tensor([tokens[: 3 + s]]))  # l1's input
+            guess = model.l2.moe.router(h[:, -1]).mask
+            assert torch.equal(trace.predicted[s][1], guess)
+    assert 0.0 <= trace.prediction_recall(1) <= 1.0
+
+
+def _synthetic(predicted_same: bool):
+    g = torch.Generator().manual_seed(0)
+    masks, predicted = [], []
+    for _ in range(20):
+        step, guess = [], [None]
+        for l in range(3):
+            m = torch.zeros(1, 8, dtype=torch.bool)
+            m[0, torch.randperm(8, generator=g)[:2]] = True
+            step.append(m)
+        masks.append(step)
+        for l in range(1, 3):
+            guess.append(step[l].clone() if predicted_same else ~step[l])
+        predicted.append(guess)
+    return RoutingTrace(masks, [8, 8, 8], predicted)
+
+
+def test_a_perfect_prediction_makes_every_predicted_layer_hit():
+    trace = _synthetic(True)
+    plain = simulate_cache(trace, 2, "lru")
+    pre = simulate_cache(trace, 2, "lru", prefetch=True, expert_bytes=1.0)
+    assert trace.prediction_recall(1) == 1.0 and trace.prediction_recall(2) == 1.0
+    # Layers 1 and 2 always hit; layer 0 (no prediction) behaves as without prefetching.
+    layer0 = simulate_requests(trace.requests("layer")[0], 2, "lru")
+    assert pre.hits == layer0 + 2 * 2 * 20
+    assert pre.hits > plain.hits
+    # A perfect guess, loaded just before its layer, moves exactly what the misses moved without
+    # prefetching: the same bytes, now off the critical path.
+    assert pre.misses + pre.prefetched == plain.misses
+    assert pre.bytes_moved == plain.misses * 1.0
+
+
+def test_a_wrong_prediction_costs_transfers_and_helps_nothing():
+    trace = _synthetic(False)
+    assert trace.prediction_recall(1) == 0.0
+    pre = simulate_cache(trace, 8, "lru", prefetch=True, expert_bytes=2.0)
+    assert pre.prefetched > 0 and pre.bytes_moved == 2.0 * (pre.misses + pre.prefetched)
+
+
+def test_prefetch_errors():
+    trace = _synthetic(True)
+    with pytest.raises(ValueError, match="belady"):
+        simulate_cache(trace, 2, "belady", prefetch=True)
+    with pytest.raises(ValueError, match="predict_next=True"):
+        simulate_cache(RoutingTrace(trace.masks, [8, 8, 8]), 2, prefetch=True)
+    with pytest.raises(TypeError, match="prefetch"):
+        simulate_cache(trace, 2, prefetch=1)
+    with pytest.raises(TypeError, match="predict_next"):
+        RoutingRecorder(TinyModel(), predict_next="yes")
+    with pytest.raises(ValueError, match="layer"):
+        trace.prediction_recall(0)

@@ -36,6 +36,13 @@ Three pieces, all reading only what an MoE module leaves after a forward (``last
 
    Experts a layer needs at one step are requested one after another, in increasing id order.
 
+   With ``prefetch=True`` (LRU or LFU) the cache also loads, before each layer runs, the experts
+   that layer's router picks when it reads the *previous* MoE layer's input (recorded with
+   ``RoutingRecorder(..., predict_next=True)``): Eliseev and Mazur's speculative loading, which
+   works because the residual stream changes little from one layer to the next. A prefetch that
+   was already resident only refreshes its recency; a wrong guess still costs a transfer, counted
+   in ``bytes_moved`` (though off the critical path when it overlaps the previous layer's work).
+
 Cache contents start empty (``start="cold"``: the first use of every expert is a miss) or filled
 with the first C distinct experts the trace uses (``start="full"``).
 """
@@ -68,10 +75,13 @@ class RoutingTrace:
 
     ``masks[s][l]`` is a (B_s, E_l) bool tensor: row b says which experts of layer l token b of step
     s went to (B_s tokens per step, usually the batch size). ``num_experts[l]`` is E_l.
+    ``predicted[s][l]`` (optional, same shapes; None for layer 0) is the guess for layer l made
+    from layer l-1's input (see :class:`RoutingRecorder`'s ``predict_next``).
     """
 
     masks: list[list[torch.Tensor]]
     num_experts: list[int]
+    predicted: list[list[torch.Tensor | None]] | None = None
 
     @property
     def num_steps(self) -> int:
@@ -103,10 +113,44 @@ class RoutingTrace:
         ``scope="layer"``: one sequence per layer, of expert ids (each layer has its own cache);
         ``scope="global"``: one sequence of ``(layer, expert)`` keys, layers in order within a step.
         """
-        check_choice("scope", scope, ("layer", "global"), where="RoutingTrace.requests")
+        return [[key for key, demand in seq] for seq in self.events(scope, prefetch=False)]
+
+    def events(self, scope: str = "layer", prefetch: bool = False) -> list[list[tuple[Hashable, bool]]]:
+        """Like :meth:`requests`, as ``(key, demand)`` pairs; with ``prefetch`` each layer's predicted
+        experts come first at every step as ``(key, False)`` (needs ``predicted``)."""
+        where = "RoutingTrace.events"
+        check_choice("scope", scope, ("layer", "global"), where=where)
+        if prefetch and self.predicted is None:
+            raise ValueError(f"{where}: prefetch=True needs a trace with predictions; record it with "
+                             f"RoutingRecorder(model, predict_next=True)")
+        per_layer: list[list[list[tuple[Hashable, bool]]]] = [[] for _ in range(self.num_layers)]
+        for s in range(self.num_steps):
+            for l in range(self.num_layers):
+                key = (lambda e: e) if scope == "layer" else (lambda e, l=l: (l, e))
+                ev = []
+                guess = self.predicted[s][l] if prefetch else None
+                if guess is not None:
+                    ev += [(key(e), False) for e in guess.any(0).nonzero().flatten().tolist()]
+                ev += [(key(e), True) for e in self.step_experts(s, l)]
+                per_layer[l].append(ev)
         if scope == "layer":
-            return [[e for s in range(self.num_steps) for e in self.step_experts(s, l)] for l in range(self.num_layers)]
-        return [[(l, e) for s in range(self.num_steps) for l in range(self.num_layers) for e in self.step_experts(s, l)]]
+            return [[e for step in layer for e in step] for layer in per_layer]
+        return [[e for s in range(self.num_steps) for l in range(self.num_layers) for e in per_layer[l][s]]]
+
+    def prediction_recall(self, layer: int) -> float:
+        """Share of the experts ``layer`` used (per step, union over the step's tokens) that its
+        prediction from the previous layer's input had named."""
+        where = "RoutingTrace.prediction_recall"
+        check_int("layer", layer, low=1, high=max(self.num_layers - 1, 1), where=where)
+        if self.predicted is None or layer >= self.num_layers:
+            raise ValueError(f"{where}: this trace has no prediction for layer {layer}")
+        used = hit = 0
+        for s in range(self.num_steps):
+            actual = self.masks[s][layer].any(0)
+            guess = self.predicted[s][layer].any(0)
+            used += int(actual.sum())
+            hit += int((actual & guess).sum())
+        return hit / used if used else 1.0
 
 
 class RoutingRecorder:
@@ -118,20 +162,35 @@ class RoutingRecorder:
     ``positions="all"`` keeps every row. After the ``with`` block, :meth:`trace` returns the
     :class:`RoutingTrace`; one step per forward of the model.
 
+    ``predict_next=True`` also applies each MoE module's ``router`` to the *previous* MoE module's
+    input (same rows) and records the experts it picks as that layer's prediction (Eliseev and
+    Mazur's speculative expert loading, arXiv 2312.17238). Run it in eval mode: a router in
+    training mode may update its state (noise, load counts) on these extra calls.
+
     The modules must set ``last_routing`` (a :class:`~tutorial_moe.routing.Routing`) in their
     forward, as every MoE module of this package does.
     """
 
-    def __init__(self, model: nn.Module, positions: str = "last"):
+    def __init__(self, model: nn.Module, positions: str = "last", predict_next: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"RoutingRecorder: model must be an nn.Module, got {type(model).__name__}")
         self.positions = check_choice("positions", positions, ("last", "all"), where="RoutingRecorder")
+        if not isinstance(predict_next, bool):
+            raise TypeError(f"RoutingRecorder: predict_next must be a bool, got {type(predict_next).__name__} "
+                            f"{predict_next!r}")
+        self.predict_next = predict_next
         self.modules = moe_modules(model)
         if not self.modules:
             raise ValueError("RoutingRecorder: model has no MoE module (nothing with last_routing); nothing to record")
+        if predict_next:
+            bad = [i for i, m in enumerate(self.modules[1:], 1) if not isinstance(getattr(m, "router", None), nn.Module)]
+            if bad:
+                raise ValueError(f"RoutingRecorder: predict_next=True needs a router module on every MoE module after "
+                                 f"the first; modules {bad} have none")
         self._handles: list = []
-        self._pending: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._steps: list[list[torch.Tensor]] = []
+        self._predicted: list[list[torch.Tensor | None]] = []
         self._num_experts: list[int | None] = [None] * len(self.modules)
 
     def _hook(self, index: int):
@@ -142,6 +201,10 @@ class RoutingRecorder:
                                    f"last_routing")
             mask = routing.mask.detach()
             x = args[0] if args else None
+            rows = None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                rows = x.detach()[..., -1, :] if self.positions == "last" and x.dim() >= 3 else x.detach()
+                rows = rows.reshape(-1, x.shape[-1])
             if self.positions == "last" and isinstance(x, torch.Tensor) and x.dim() >= 3:
                 length = x.shape[-2]
                 mask = mask.reshape(-1, length, mask.shape[-1])[:, -1]
@@ -149,9 +212,18 @@ class RoutingRecorder:
             if index in self._pending:
                 raise RuntimeError(f"RoutingRecorder: MoE module {index} ran twice before module "
                                    f"{len(self.modules) - 1}; a model must call each MoE module once per forward")
-            self._pending[index] = mask.cpu()
+            guess = None
+            if self.predict_next and index + 1 < len(self.modules):
+                if rows is None:
+                    raise RuntimeError(f"RoutingRecorder: predict_next=True needs MoE module {index}'s input as its "
+                                       f"first positional argument")
+                with torch.no_grad():
+                    guess = self.modules[index + 1].router(rows).mask.detach().cpu()
+            self._pending[index] = (mask.cpu(), guess)
             if len(self._pending) == len(self.modules):
-                self._steps.append([self._pending[i] for i in range(len(self.modules))])
+                n = len(self.modules)
+                self._steps.append([self._pending[i][0] for i in range(n)])
+                self._predicted.append([None] + [self._pending[i][1] for i in range(n - 1)])
                 self._pending = {}
         return hook
 
@@ -170,12 +242,13 @@ class RoutingRecorder:
                                f"{len(self.modules)} MoE modules; the last step is incomplete")
         if not self._steps:
             raise ValueError("RoutingRecorder: no forward was recorded")
-        return RoutingTrace(list(self._steps), [int(e) for e in self._num_experts])
+        return RoutingTrace(list(self._steps), [int(e) for e in self._num_experts],
+                            [list(p) for p in self._predicted] if self.predict_next else None)
 
 
 @torch.no_grad()
 def trace_generation(model: nn.Module, step: Callable[[int], object], num_steps: int, *,
-                     positions: str = "last") -> RoutingTrace:
+                     positions: str = "last", predict_next: bool = False) -> RoutingTrace:
     """Run ``step(i)`` for i = 0..num_steps-1 (each runs one forward of ``model`` and feeds its
     sampled token back, however the caller likes) and return the routing trace of those forwards.
 
@@ -186,7 +259,7 @@ def trace_generation(model: nn.Module, step: Callable[[int], object], num_steps:
         raise TypeError(f"trace_generation: step must be a callable step(i), got {type(step).__name__}")
     check_int("num_steps", num_steps, low=1, where="trace_generation")
     was_training = model.training if isinstance(model, nn.Module) else False
-    recorder = RoutingRecorder(model, positions)
+    recorder = RoutingRecorder(model, positions, predict_next)
     model.eval()
     try:
         with recorder:
@@ -276,9 +349,11 @@ def decode_bytes_per_token(num_experts: int, k: int, batch_size: int, expert_byt
 # ---------------------------------------------------------------- 3. caches
 @dataclass(frozen=True)
 class CacheResult:
-    """One cache simulation: ``accesses`` expert loads requested, ``hits`` served from the cache,
-    ``misses`` = accesses - hits (each a transfer of one expert); per token: ``bytes_per_token`` =
-    misses * expert_bytes / tokens (None when no ``expert_bytes`` or tokens were given)."""
+    """One cache simulation: ``accesses`` expert loads the tokens needed, ``hits`` served from the
+    cache, ``misses`` = accesses - hits (each a transfer of one expert on the critical path),
+    ``prefetched`` speculative transfers (prefetch only). ``bytes_moved`` = (misses + prefetched)
+    * expert_bytes; ``bytes_per_token`` divides it by the tokens generated (None when no
+    ``expert_bytes`` or tokens were given)."""
 
     policy: str
     capacity: int
@@ -287,6 +362,7 @@ class CacheResult:
     hits: int
     tokens: int | None = None
     expert_bytes: float | None = None
+    prefetched: int = 0
 
     @property
     def misses(self) -> int:
@@ -298,22 +374,73 @@ class CacheResult:
 
     @property
     def bytes_moved(self) -> float | None:
-        return None if self.expert_bytes is None else self.misses * self.expert_bytes
+        return None if self.expert_bytes is None else (self.misses + self.prefetched) * self.expert_bytes
 
     @property
     def bytes_per_token(self) -> float | None:
         if self.expert_bytes is None or not self.tokens:
             return None
-        return self.misses * self.expert_bytes / self.tokens
+        return self.bytes_moved / self.tokens
 
 
-def _next_uses(seq: Sequence[Hashable]) -> list[float]:
-    """For each position i, the next position j > i with seq[j] == seq[i] (inf if none)."""
-    nxt, last = [math.inf] * len(seq), {}
-    for i in range(len(seq) - 1, -1, -1):
-        nxt[i] = last.get(seq[i], math.inf)
-        last[seq[i]] = i
+def _next_uses(events: Sequence[tuple[Hashable, bool]]) -> list[float]:
+    """For each position i, the next position j > i that *needs* the same key (inf if none)."""
+    nxt, last = [math.inf] * len(events), {}
+    for i in range(len(events) - 1, -1, -1):
+        key, demand = events[i]
+        nxt[i] = last.get(key, math.inf)
+        if demand:
+            last[key] = i
     return nxt
+
+
+def _simulate(events: Sequence[tuple[Hashable, bool]], capacity: int, policy: str, start: str) -> tuple[int, int, int]:
+    """(hits, demand accesses, prefetch loads) of a cache serving ``events`` of ``(key, demand)``:
+    a demand that misses loads the key; a prefetch (demand False) loads it if absent, else only
+    refreshes its recency; a full cache first evicts the ``policy``'s victim."""
+    demands = sum(1 for _, d in events if d)
+    if capacity == 0:
+        return 0, demands, 0
+    resident: OrderedDict = OrderedDict()  # key -> None, least recently used first
+    if start == "full":
+        for key, demand in events:
+            if len(resident) == capacity:
+                break
+            if demand:
+                resident.setdefault(key, None)
+    counts: dict = {}
+    next_of: dict = {}  # belady: key -> position of its next demand
+    nxt = None
+    if policy == "belady":
+        nxt = _next_uses(events)
+        first: dict = {}
+        for i, (key, demand) in enumerate(events):
+            if demand:
+                first.setdefault(key, i)
+        next_of = {key: first.get(key, math.inf) for key in resident}
+    hits = prefetched = 0
+    for i, (key, demand) in enumerate(events):
+        if demand:
+            counts[key] = counts.get(key, 0) + 1
+        if key in resident:
+            hits += demand
+            resident.move_to_end(key)
+        else:
+            prefetched += not demand
+            if len(resident) >= capacity:
+                if policy == "lru":
+                    victim = next(iter(resident))
+                elif policy == "lfu":
+                    # min count; iteration order is recency, so the first minimum is the least recent
+                    victim = min(resident, key=lambda r: counts.get(r, 0))
+                else:
+                    victim = max(resident, key=lambda r: next_of[r])
+                del resident[victim]
+                next_of.pop(victim, None)
+            resident[key] = None
+        if nxt is not None:
+            next_of[key] = nxt[i]
+    return hits, demands, prefetched
 
 
 def simulate_requests(seq: Sequence[Hashable], capacity: int, policy: str = "lru", start: str = "cold") -> int:
@@ -323,64 +450,36 @@ def simulate_requests(seq: Sequence[Hashable], capacity: int, policy: str = "lru
     check_int("capacity", capacity, low=0, where=where)
     check_choice("policy", policy, POLICIES, where=where)
     check_choice("start", start, ("cold", "full"), where=where)
-    if capacity == 0:
-        return 0
-    resident: OrderedDict = OrderedDict()  # key -> None, least recently used first
-    if start == "full":
-        for key in seq:
-            if len(resident) == capacity:
-                break
-            resident.setdefault(key, None)
-    counts: dict = {}
-    nxt = _next_uses(seq) if policy == "belady" else None
-    next_of: dict = {}  # belady: key -> position of its next request
-    if policy == "belady" and start == "full":
-        first = {}
-        for i, key in enumerate(seq):
-            first.setdefault(key, i)
-        next_of = {key: first[key] for key in resident}
-    hits = 0
-    for i, key in enumerate(seq):
-        counts[key] = counts.get(key, 0) + 1
-        if key in resident:
-            hits += 1
-            resident.move_to_end(key)
-        else:
-            if len(resident) >= capacity:
-                if policy == "lru":
-                    victim = next(iter(resident))
-                elif policy == "lfu":
-                    # min count; iteration order is recency, so the first minimum is the least recent
-                    victim = min(resident, key=lambda r: counts[r])
-                else:
-                    victim = max(resident, key=lambda r: next_of[r])
-                del resident[victim]
-                next_of.pop(victim, None)
-            resident[key] = None
-        if nxt is not None:
-            next_of[key] = nxt[i]
-    return hits
+    return _simulate([(key, True) for key in seq], capacity, policy, start)[0]
 
 
 def simulate_cache(trace: RoutingTrace, capacity: int, policy: str = "lru", *, scope: str = "layer",
-                   start: str = "cold", expert_bytes: float | None = None) -> CacheResult:
+                   start: str = "cold", expert_bytes: float | None = None, prefetch: bool = False) -> CacheResult:
     """Replay ``trace`` against an expert cache (see the module docstring).
 
     ``capacity``: experts held per layer (``scope="layer"``) or in total (``"global"``).
     ``expert_bytes``: bytes of one expert's weights, for ``bytes_moved`` and ``bytes_per_token``.
-    With ``start="full"`` and a capacity of at least every expert the trace uses, every request hits.
+    ``prefetch``: also load each layer's predicted experts before it runs (LRU or LFU only; the
+    trace must carry predictions). With ``start="full"`` and a capacity of at least every expert
+    the trace uses, every request hits.
     """
     where = "simulate_cache"
     if not isinstance(trace, RoutingTrace):
         raise TypeError(f"{where}: trace must be a RoutingTrace, got {type(trace).__name__}")
     check_int("capacity", capacity, low=0, where=where)
     check_choice("policy", policy, POLICIES, where=where)
+    check_choice("start", start, ("cold", "full"), where=where)
     if expert_bytes is not None and (isinstance(expert_bytes, bool) or not isinstance(expert_bytes, (int, float))
                                      or not expert_bytes >= 0):
         raise ValueError(f"{where}: expert_bytes={expert_bytes!r} must be None or a number >= 0")
-    seqs = trace.requests(scope)
-    hits = sum(simulate_requests(seq, capacity, policy, start) for seq in seqs)
-    return CacheResult(policy, capacity, scope, sum(len(s) for s in seqs), hits, trace.num_tokens, expert_bytes)
+    if not isinstance(prefetch, bool):
+        raise TypeError(f"{where}: prefetch must be a bool, got {type(prefetch).__name__} {prefetch!r}")
+    if prefetch and policy == "belady":
+        raise ValueError(f"{where}: prefetch=True with policy='belady' is meaningless (MIN already knows the "
+                         f"future); use 'lru' or 'lfu'")
+    runs = [_simulate(ev, capacity, policy, start) for ev in trace.events(scope, prefetch)]
+    return CacheResult(policy, capacity, scope, sum(r[1] for r in runs), sum(r[0] for r in runs), trace.num_tokens,
+                       expert_bytes, sum(r[2] for r in runs))
 
 
 def hit_rate_curve(trace: RoutingTrace, capacities: Sequence[int], policy: str = "lru", **kwargs) -> dict[int, float]:
