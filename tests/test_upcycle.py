@@ -199,3 +199,17 @@ def test_bad_model_arguments_are_refused():
 def test_dense_ffn_parts_reads_the_activation():
     fc_in, act, fc_out = dense_ffn_parts(_ffn(act=nn.Tanh()))
     assert act == "tanh" and fc_in.out_features == 10 and fc_out.in_features == 10
+
+
+def test_the_chapter_11_language_model_upcycles_exactly():
+    from tutorial_moe.experiments.lm import DenseFFN, LMConfig, TinyLM
+
+    model = TinyLM(LMConfig(context=8, d_model=16, n_layers=2, n_heads=2, d_hidden=24)).double()
+    tokens = torch.randint(0, model.cfg.vocab_size, (3, 8))
+    with torch.no_grad():
+        before = model(tokens)
+    names = upcycle_model(model, 4, 2, select=lambda name, m: isinstance(m, DenseFFN))
+    assert names == ["blocks.0.ffn", "blocks.1.ffn"]
+    with torch.no_grad():
+        after = model(tokens)
+    assert float((after - before).abs().max()) <= 1e-12

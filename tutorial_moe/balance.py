@@ -92,7 +92,8 @@ class GlobalBalanceLoss:
 
     def _get(self, layer) -> _Layer:
         if layer not in self._layers:
-            raise KeyError(f"GlobalBalanceLoss: no routing was added for layer={layer!r}; layers: {self.layers}")
+            raise ValueError(f"GlobalBalanceLoss: no routing was added for layer={layer!r}; layers with routing: "
+                             f"{self.layers}")
         return self._layers[layer]
 
     def add(self, routing, layer: Hashable = 0) -> None:
