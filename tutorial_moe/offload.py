@@ -31,8 +31,9 @@ Three pieces, all reading only what an MoE module leaves after a forward (``last
    * ``"lfu"``: evict the expert the router has chosen least often so far (all past uses count,
      also those from before it was last evicted; ties go to the least recently used);
    * ``"belady"``: evict the expert whose next use is farthest in the future (Belady's MIN, an
-     offline policy that needs the future: no real system can run it, but no policy misses less,
-     so it is the upper bound on any hit rate at that cache size).
+     offline policy that needs the future: no real system can run it, but no policy that loads an
+     expert only when a token needs it misses less, so it bounds their hit rate at that cache
+     size; prefetching can score higher hits because its transfers come before the need).
 
    Experts a layer needs at one step are requested one after another, in increasing id order.
 
