@@ -25,10 +25,11 @@ pseudo-random order, so the same call always gives the same images (see :func:`_
 
 The decoded uint8 arrays are cached in memory (47 MB for a 60,000-image training split), so only the
 first call in a process reads a file; every call then builds its own float32 tensors from them (only
-the images it returns), so a caller may change what it gets without touching the cache. Files on disk are read by the small readers below
-rather than by torchvision's dataset classes: the formats are simple, importing torchvision takes
-seconds, and torchvision's CIFAR-10 class refuses any folder whose md5 sums differ from the official
-ones (which rules out testing it on a tiny folder).
+the images it returns), so a caller may change what it gets without touching the cache.
+
+Files on disk are read by the small readers below rather than by torchvision's dataset classes: the
+formats are simple, importing torchvision takes seconds, and torchvision's CIFAR-10 class refuses any
+folder whose md5 sums differ from the official ones (which rules out testing it on a tiny folder).
 """
 from __future__ import annotations
 
