@@ -151,3 +151,18 @@ def test_missing_torchtitan_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchtitan", None)
     with pytest.raises(ImportError, match=r"\[peer\]"):
         peers.import_torchtitan()
+
+
+def test_the_script_says_how_to_install_when_torchtitan_is_missing(monkeypatch, capsys):
+    monkeypatch.setattr(peers, "torchtitan_available", lambda: False)
+    assert peers.main([]) == 3
+    assert "[peer]" in capsys.readouterr().err
+
+
+@needs_torchtitan
+def test_the_report_the_chapter_shows():
+    report = peers.torchtitan_report(tokens=40, d_model=16, d_hidden=32, num_experts=4, expert_parallel=False)
+    assert report["torchtitan"] == peers.TORCHTITAN_VERSION and report["expert_parallel"] is None
+    assert list(report["equivalence"]) == ["float32", "float64", "float32, stock bfloat16 experts"]
+    assert report["equivalence"]["float64"]["dtype"] == "float64"
+    assert report["equivalence"]["float32, stock bfloat16 experts"]["precision"] == "bfloat16"

@@ -64,7 +64,7 @@ __all__ = [
     "TORCHTITAN_VERSION", "TORCHTITAN_MOE_FILE", "TORCHTITAN_GPU_COMMAND", "TORCHTITAN_CPU_NOTES",
     "torchtitan_available", "import_torchtitan", "torchtitan_config", "torchtitan_peer",
     "load_into_torchtitan", "torchtitan_equivalence", "torchtitan_expert_parallel",
-    "torchtitan_defaults",
+    "torchtitan_defaults", "torchtitan_report", "main",
 ]
 
 TORCHTITAN_VERSION = "0.3.0"
@@ -473,3 +473,71 @@ def torchtitan_expert_parallel(world_size: int = 2, tokens_per_rank: int = 64, d
     results = run_ranks(_ep_rank, world_size, args=(tokens_per_rank, d_model, d_hidden, num_experts, k, seed, precision,
                                                     timeout_s), timeout_s=timeout_s)
     return results[0]
+
+
+# ----------------------------------------------------------------------------- the script
+
+def torchtitan_report(tokens: int = 256, d_model: int = 32, d_hidden: int = 64, num_experts: int = 8, k: int = 2,
+                      seed: int = 0, expert_parallel: bool = True, world_size: int = 2,
+                      timeout_s: float = 120.0) -> dict:
+    """Everything chapter 16 shows about torchtitan, in one dict (what ``python -m tutorial_moe.peers`` prints).
+
+    ``equivalence``: :func:`torchtitan_equivalence` for float32 and float64 with
+    ``precision="float"`` and for float32 with the stock bfloat16 experts, each on a fresh
+    SwiGLU ``MoELayer`` seeded by ``seed``; ``expert_parallel``: :func:`torchtitan_expert_parallel`
+    on ``world_size`` gloo ranks (forks processes; ``None`` when ``expert_parallel=False``).
+    """
+    where = "torchtitan_report"
+    check_int("tokens", tokens, low=1, where=where)
+    runs = {"float32": (torch.float32, "float"), "float64": (torch.float64, "float"),
+            "float32, stock bfloat16 experts": (torch.float32, "bfloat16")}
+    equivalence = {}
+    for name, (dtype, precision) in runs.items():
+        torch.manual_seed(seed)
+        layer = MoELayer(d_model, d_hidden, num_experts, k, expert="swiglu", losses={}).to(dtype)
+        x = torch.randn(tokens, d_model, dtype=dtype)
+        equivalence[name] = torchtitan_equivalence(layer, x, precision=precision, seed=seed)
+    ep = None
+    if expert_parallel:
+        ep = torchtitan_expert_parallel(world_size, max(1, tokens // world_size), d_model, d_hidden, num_experts, k,
+                                        seed, "float", timeout_s)
+    shape = {"tokens": tokens, "d_model": d_model, "d_hidden": d_hidden, "num_experts": num_experts, "k": k}
+    return {"torchtitan": import_torchtitan().version, "shape": shape, "defaults": torchtitan_defaults(),
+            "equivalence": equivalence, "expert_parallel": ep}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tutorial_moe.peers [--json PATH] [--no-expert-parallel] ...``: run :func:`torchtitan_report`."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tutorial_moe.peers",
+                                     description="MoELayer vs torchtitan's MoE: outputs, gradients, expert parallelism")
+    parser.add_argument("--json", help="write the report here as JSON (default: print it)")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--d-model", type=int, default=32)
+    parser.add_argument("--d-hidden", type=int, default=64)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-expert-parallel", action="store_true", help="skip the gloo ranks")
+    args = parser.parse_args(argv)
+    if not torchtitan_available():
+        print(_INSTALL_HINT, file=sys.stderr)
+        return 3
+    torch.set_num_threads(1)
+    report = torchtitan_report(args.tokens, args.d_model, args.d_hidden, args.experts, args.k, args.seed,
+                               not args.no_expert_parallel, args.world_size)
+    text = json.dumps(report, indent=1)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
