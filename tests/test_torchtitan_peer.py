@@ -166,3 +166,17 @@ def test_the_report_the_chapter_shows():
     assert list(report["equivalence"]) == ["float32", "float64", "float32, stock bfloat16 experts"]
     assert report["equivalence"]["float64"]["dtype"] == "float64"
     assert report["equivalence"]["float32, stock bfloat16 experts"]["precision"] == "bfloat16"
+
+
+@needs_torchtitan
+def test_the_gpu_command_uses_flags_torchtitan_has():
+    import dataclasses
+    import re
+
+    from torchtitan.config import configs
+
+    sections = {"parallelism": configs.ParallelismConfig, "training": configs.TrainingConfig}
+    flags = re.findall(r"--(\w+)\.(\w+)", peers.TORCHTITAN_GPU_COMMAND)
+    assert ("parallelism", "expert_parallel_degree") in flags
+    for section, name in flags:
+        assert name in {f.name for f in dataclasses.fields(sections[section])}, (section, name)
