@@ -31,6 +31,7 @@ def _layer(d, h, E, k, dtype=torch.float32, dispatch="auto"):
 @needs_torchtitan
 @pytest.mark.parametrize("d, h, E, k, T", [
     (16, 32, 4, 2, 24),
+    (16, 32, 4, 1, 20),  # k = 1: both keep the raw softmax probability (no renormalisation)
     (32, 64, 8, 2, 200),
     (24, 40, 6, 3, 50),
     (10, 6, 5, 4, 33),  # rows not 16-byte aligned: the grouped matmul falls back to per-expert products
@@ -180,3 +181,11 @@ def test_the_gpu_command_uses_flags_torchtitan_has():
     assert ("parallelism", "expert_parallel_degree") in flags
     for section, name in flags:
         assert name in {f.name for f in dataclasses.fields(sections[section])}, (section, name)
+
+
+@needs_torchtitan
+def test_raw_probability_weights_match_torchtitans_default_route_norm():
+    layer = MoELayer(16, 32, 4, 2, expert="swiglu", losses={}, router=TopKRouter(16, 4, 2, normalize=False))
+    assert peers.torchtitan_peer(layer).router.route_norm is False
+    report = peers.torchtitan_equivalence(layer, torch.randn(30, 16))
+    assert max(report["relative"].values()) < 1e-5, report["relative"]

@@ -242,9 +242,10 @@ def torchtitan_config(d_model: int, d_hidden: int, num_experts: int, k: int, rou
 
 
 def _route_norm(router: TopKRouter) -> bool:
-    # Ours renormalises the k chosen probabilities when k > 1 (a bool ``normalize`` pins it).
+    # Ours renormalises the k chosen probabilities only when k > 1 (k = 1 keeps the raw
+    # probability, as Switch does); a bool ``normalize=False`` turns renormalisation off.
     norm = getattr(router, "normalize", None)
-    return norm if isinstance(norm, bool) else router.k > 1
+    return router.k > 1 and (norm if isinstance(norm, bool) else True)
 
 
 def _check_matchable(layer) -> TopKRouter:
