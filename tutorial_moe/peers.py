@@ -242,10 +242,14 @@ def torchtitan_config(d_model: int, d_hidden: int, num_experts: int, k: int, rou
 
 
 def _route_norm(router: TopKRouter) -> bool:
-    # Ours renormalises the k chosen probabilities only when k > 1 (k = 1 keeps the raw
-    # probability, as Switch does); a bool ``normalize=False`` turns renormalisation off.
+    # Whether our router rescales the k chosen probabilities to sum to 1 at the next forward:
+    # ``renormalizes()`` where the router has it (``normalize=None`` decides from the current k:
+    # k > 1 renormalises, k = 1 keeps the raw probability, as Switch does), else ``normalize``.
+    renormalizes = getattr(router, "renormalizes", None)
+    if callable(renormalizes):
+        return bool(renormalizes())
     norm = getattr(router, "normalize", None)
-    return router.k > 1 and (norm if isinstance(norm, bool) else True)
+    return norm if isinstance(norm, bool) else router.k > 1
 
 
 def _check_matchable(layer) -> TopKRouter:
