@@ -15,7 +15,7 @@ Where the defaults differ, and how the peer is configured to match ``MoELayer``:
 setting                       torchtitan 0.3.0 default               set here to
 ============================  =====================================  ===============================
 ``score_func``                ``"sigmoid"``                          ``"softmax"`` (ours: softmax)
-``route_norm``                ``False`` (raw scores as weights)      ours: renormalise when k > 1
+``route_norm``                ``False`` (raw scores as weights)      as ours: renormalise iff k > 1
 ``top_k``                     1                                      our k
 score then top-k              softmax over all E, then top-k         the same (ours: top-k on the
                                                                      logits, softmax is monotone)
@@ -35,8 +35,8 @@ layout, out x in); our :class:`~tutorial_moe.experts.ExpertBank` stores ``w_gate
 (E, D, F) and ``w_down`` as (E, F, D) (in x out). So ``w1 = w_gate^T``, ``w3 = w_up^T``,
 ``w2 = w_down^T`` (per expert), and the router gate is an ``nn.Linear(D, E, bias=False)`` in both.
 
-Only softmax top-k with k >= 2 (or any k with the raw-probability weights both libraries give
-when renormalisation is off), no capacity limit, no noise and temperature 1 can be matched:
+Softmax top-k at any k, renormalised or not (as our router decides for its current k), with
+no capacity limit, no noise and temperature 1 can be matched; the rest cannot, because
 torchtitan's token-choice router has no capacity dropping, noise or temperature, and its
 expert bias is added to the *scores* (after softmax or sigmoid) where ours is added to the
 logits, so the two biased selections differ. :func:`torchtitan_peer` refuses the rest with a
