@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ._validate import check_int, check_positive_float
 from .metrics import utilization
-from .moe import moe_modules
-from .routing import Routing
+from .moe import collect_routing, moe_modules
+from .routing import update_expert_biases
 from .runtime import device as default_device, progress, seed_everything
 
 __all__ = ["History", "fit", "evaluate", "collect_routing", "set_k", "set_temperature", "router_parameters",
@@ -116,26 +116,6 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, loss_fn=F.cross_entr
         total += len(y)
     model.train(was_training)
     return {"acc": correct / total, "loss": loss_sum / total}
-
-
-@torch.no_grad()
-def collect_routing(model: nn.Module, x: torch.Tensor, ids=None, batch_size: int = 1024, layer: int = 0) -> Routing:
-    """Run ``model`` in eval mode over ``x`` and concatenate the routing of its ``layer``-th MoE module."""
-    mods = moe_modules(model)
-    if not mods:
-        raise ValueError("collect_routing: model contains no MoE module (nothing with last_routing)")
-    check_int("layer", layer, low=0, high=len(mods) - 1, where="collect_routing")
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    parts = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(dev)
-        model(xb) if ids is None else model(xb, ids[start : start + batch_size].to(dev))
-        parts.append(mods[layer].last_routing.detach())
-    model.train(was_training)
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return Routing(cat("logits"), cat("probs"), cat("weights"), cat("mask"), cat("dropped"))
 
 
 def fit(
@@ -243,6 +223,9 @@ def fit(
             if clip_grad is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
             opt.step()
+            # Auxiliary-loss-free balancing: one bias step per optimiser step, from the load
+            # every forward since the last one counted.
+            update_expert_biases(model)
             row = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "task": float(task.detach()),
                    "train_acc": correct / seen, **{k: float(v.detach()) for k, v in aux.items()}}
             if grad_norm is not None:
