@@ -55,7 +55,7 @@ def _token_mean(x: torch.Tensor) -> torch.Tensor:
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation x.var(unbiased=False) / x.mean()^2 (0 for a constant vector)."""
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
     return x.var(unbiased=False) / (x.mean() ** 2 + 1e-10)
 
 

@@ -305,7 +305,7 @@ class SoftMoELayer(AuxLossMixin, nn.Module):
             raise ValueError(f"SoftMoELayer: x must have shape (..., n, {self.d_model}), got {tuple(getattr(x, 'shape', ()))}")
         check_finite(x, where="SoftMoELayer")
         squeeze = x.dim() == 2
-        X = x.unsqueeze(0) if squeeze else x.reshape(-1, *x.shape[-2:])  # (B, n, d)
+        X = x.unsqueeze(0) if squeeze else x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])  # (B, n, d)
         B, n, d = X.shape
         E, S = self.num_experts, self.slots
         scores = X @ self.phi  # (B, n, E*S)
