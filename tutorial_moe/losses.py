@@ -83,9 +83,9 @@ def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor, k: int | None =
     check_prob_matrix("probs", probs, where="switch_balance_loss")
     if mask.shape != probs.shape:
         raise ValueError(f"switch_balance_loss: mask shape {tuple(mask.shape)} != probs shape {tuple(probs.shape)}")
-    T, E = probs.shape
+    E = probs.shape[1]
     m = mask.to(probs.dtype)
-    total = m.sum() if k is None else torch.tensor(float(T * k), dtype=probs.dtype, device=probs.device)
+    total = m.sum() if k is None else m.new_tensor(float(probs.shape[0] * k))
     f = m.sum(0) / total.clamp_min(1)
     P = _token_mean(probs)
     return E * (f * P).sum()

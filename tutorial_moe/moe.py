@@ -279,7 +279,7 @@ class SoftMoELayer(AuxLossMixin, nn.Module):
     token's combine weight summed per expert (its share of each expert).
 
     Deviation: the paper L2-normalises the tokens and the slot parameters (with a learned scale)
-    before ``X Phi`` for stability at scale (arXiv 2308.00951, Section 2.3); this layer does not.
+    before ``X Phi`` for stability at scale (arXiv 2308.00951); this layer does not.
     Its routing has no pre-softmax scores per expert, so the z-loss and the Switch loss (every
     token reaches every expert) are refused.
     """

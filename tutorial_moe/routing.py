@@ -693,14 +693,14 @@ def layer_router(where: str, d_model: int, num_experts: int, k: int, router: nn.
         raise ValueError(f"{where}: router.num_experts={router.num_experts} != num_experts={num_experts}")
     if capacity_factor is not None:
         raise ValueError(f"{where}: capacity_factor={capacity_factor} with a custom router; set capacity on the router")
+    conflicts = []
     router_k = getattr(router, "k", None)
     if isinstance(router_k, int) and router_k != k:
-        raise ValueError(f"{where}: k={k} but router.k={router_k}; the router decides k, so pass k={router_k} "
-                         f"(or build the router with k={k})")
+        conflicts.append(f"k={k} but router.k={router_k} (the router decides k; pass k={router_k})")
     if noisy:
-        raise ValueError(f"{where}: noisy=True with a custom router would be ignored; build the router with "
-                         f"noisy=True (TopKRouter) instead")
+        conflicts.append("noisy=True would be ignored (build the router with noisy=True)")
     if temperature != 1.0:
-        raise ValueError(f"{where}: temperature={temperature} with a custom router would be ignored; set the "
-                         f"router's temperature instead")
+        conflicts.append(f"temperature={temperature} would be ignored (set the router's temperature)")
+    if conflicts:
+        raise ValueError(f"{where}: with router={type(router).__name__}(...) given, " + "; ".join(conflicts))
     return router
