@@ -144,7 +144,9 @@ def sample_variance_loss(gates: torch.Tensor) -> torch.Tensor:
     the variance analogue of minimising the sample entropy.
     """
     check_prob_matrix("gates", gates, where="sample_variance_loss")
-    return -_token_mean(gates.var(dim=-1, unbiased=False))
+    # No rows: var() would warn about zero degrees of freedom; an empty (0,) sum keeps the graph.
+    per_token = gates.var(dim=-1, unbiased=False) if gates.shape[0] else gates.sum(-1)
+    return -_token_mean(per_token)
 
 
 def diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,9 @@ def fit(
         stop_on: what early stopping watches: "test_acc" (higher is better, the default) or
             "test_loss" (lower is better; use it for regression, where there is no accuracy).
 
+    After every optimiser step, every router with auxiliary-loss-free balancing applies one bias
+    step (``update_expert_bias()``) from the load its forwards counted since the last one.
+
     Raises ``FloatingPointError`` naming the step and each loss part if the loss is not finite.
     Same seed, same data, CPU: bit-identical history and weights.
     """
