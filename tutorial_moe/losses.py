@@ -221,7 +221,8 @@ def check_losses_for_router(losses: dict[str, float], router, where: str, *, has
 
     * ``z`` needs real pre-softmax logits (not a hierarchical router's log-probabilities, Soft
       MoE's shares or a fixed router's zeros): otherwise it is a silent 0;
-    * ``switch`` on a router that sends every token to every expert is the constant 1;
+    * ``switch`` on a router that sends every token to every expert, or that gives every expert
+      the same load by construction (expert choice), is the constant 1;
     * ``load`` needs a noisy ``TopKRouter`` (its smooth load estimate); otherwise it is 0.
 
     ``router`` may be None (Soft MoE): then ``has_logits`` and ``routes_all`` say what it is.
@@ -238,6 +239,9 @@ def check_losses_for_router(losses: dict[str, float], router, where: str, *, has
     if "switch" in active and routes_all:
         raise ValueError(f"{where}: losses has 'switch', but {what} sends every token to every expert, so the "
                          f"Switch loss is the constant 1; use 'importance' or 'batch_entropy' instead")
+    if "switch" in active and getattr(router, "equal_load", False):
+        raise ValueError(f"{where}: losses has 'switch', but {what} gives every expert the same number of tokens "
+                         f"by construction, so the Switch loss is the constant 1; drop it")
     if "load" in active and not getattr(router, "noisy", False):
         raise ValueError(f"{where}: losses has 'load', which needs a noisy TopKRouter (its smooth load estimate); "
                          f"{what} is not noisy, so the loss would be 0: use noisy=True or another loss")

@@ -44,8 +44,10 @@ _DEFAULT_LOSSES = {"switch": 0.01}
 
 def default_losses(router) -> dict:
     """The auxiliary losses a layer gets when ``losses=None``: the Switch loss at weight 0.01,
-    except for routers that send every token to every expert (where it is a constant)."""
-    return {} if getattr(router, "routes_all", False) else dict(_DEFAULT_LOSSES)
+    except for routers that send every token to every expert or give every expert the same load
+    (where it is a constant)."""
+    constant = getattr(router, "routes_all", False) or getattr(router, "equal_load", False)
+    return {} if constant else dict(_DEFAULT_LOSSES)
 
 
 class AuxLossMixin:

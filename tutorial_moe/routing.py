@@ -189,11 +189,13 @@ class Router(nn.Module):
 
     Class attributes the layers read to refuse loss settings that cannot work: ``has_logits``
     (the ``logits`` of its Routing are real pre-softmax scores, so the z-loss means something)
-    and ``routes_all`` (every token goes to every expert, so the Switch loss is a constant).
+    ``routes_all`` (every token goes to every expert) and ``equal_load`` (every expert gets the
+    same number of tokens by construction): with either the Switch loss is a constant.
     """
 
     has_logits = True
     routes_all = False
+    equal_load = False
 
     def __init__(self, d_model: int | None, num_experts: int, temperature: float = 1.0, gate: nn.Module | None = None):
         super().__init__()
@@ -496,6 +498,8 @@ class ExpertChoiceRouter(Router):
     C = 1 and *every* expert takes it (E experts per token instead of about ``capacity_factor``);
     evaluate expert choice on batches of the training size.
     """
+
+    equal_load = True
 
     def __init__(self, d_model: int | None, num_experts: int, capacity_factor: float, temperature: float = 1.0, gate=None):
         super().__init__(d_model, num_experts, temperature, gate)
