@@ -25,7 +25,7 @@ def results_dir() -> Path:
     env = os.environ.get("TUTORIAL_MOE_RESULTS")
     if env:
         return Path(env)
-    repo_book = Path(__file__).resolve().parent.parent / "book"
+    repo_book = Path(__file__).resolve().parents[2] / "book"  # the checkout's book/ folder
     if repo_book.is_dir():
         return repo_book / "results"
     return Path.cwd() / "results"
