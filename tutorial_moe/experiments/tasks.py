@@ -44,6 +44,20 @@ class RegimeSplit:
         """(x, y) for ``fit``/``evaluate``, or (x, y, index) when the model routes by id."""
         return (self.x, self.y, self.index) if with_ids else (self.x, self.y)
 
+    def token_ids(self, bits: int = 8) -> torch.Tensor:
+        """(N,) int64 a discrete "token id" read from the input: the sign pattern of the first
+        ``bits`` coordinates of x as a binary number (a vocabulary of 2**bits ids). Hash routing
+        on it (Roller et al., arXiv 2106.04426) sends equal inputs to equal experts, as hashing a
+        word's id does; unlike ``index`` it depends on the content."""
+        check_int("bits", bits, low=1, high=min(self.x.shape[1], 62), where="RegimeSplit.token_ids")
+        powers = 2 ** torch.arange(bits, dtype=torch.int64)
+        return ((self.x[:, :bits] > 0).to(torch.int64) * powers).sum(1)
+
+    def with_token_ids(self, bits: int = 8) -> "RegimeSplit":
+        """The same samples with ``index`` replaced by :meth:`token_ids` (what a model routing by
+        id then reads)."""
+        return RegimeSplit(self.x, self.y, self.regime, self.token_ids(bits))
+
     def subset(self, n: int) -> "RegimeSplit":
         """The first ``n`` samples (already in random order)."""
         check_int("n", n, low=1, high=len(self), where="RegimeSplit.subset")
