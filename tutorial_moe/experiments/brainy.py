@@ -28,6 +28,7 @@ from .._validate import check_choice, check_int, check_positive_float
 from ..experts import ConvExpert, MLPExpert
 from ..metrics import collapse_report, routing_entropy, specialization, utilization
 from ..moe import MoE
+from ..multiseed import register_stacking
 from ..routing import SoftmaxRouter, TopKRouter
 from ..schedules import constant_k, gradual_detachment, k_per_epoch
 from ..train import collect_routing, fit, router_parameters, set_k
@@ -190,6 +191,10 @@ class FlattenGate(nn.Module):
         if x.shape[1] != self.in_features:
             raise ValueError(f"FlattenGate: input has {x.shape[1]} features (shape {tuple(x.shape)}), expected {self.in_features}")
         return self.net(x)
+
+
+# fit_seeds stacks a FlattenGate as what it computes: flatten, then its net.
+register_stacking(FlattenGate, lambda gate: nn.Sequential(nn.Flatten(), gate.net))
 
 
 def brainy_moe(num_experts: int = 6, hidden: int = 32, k: int | None = None, *, image_size: int = 28,
