@@ -768,7 +768,7 @@ def fit_seeds(
     groups = [{"params": [p for p in stacked.parameters() if id(p) not in gate_ids], "lr": lr}]
     if gate_params:
         groups.append({"params": gate_params, "lr": gate_lr})
-    opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    opt = _adam(groups, lr, weight_decay)
     trainable = [p for p in stacked.parameters() if p.requires_grad]
 
     hists = [History() for _ in range(S)]
@@ -797,9 +797,13 @@ def fit_seeds(
             idx = order[:, start:start + batch_size]
             if t_scheds is not None:
                 stacked.set_temperature([sch(step) for sch in t_scheds])
-            xb = x_all[idx].to(dev)
-            yb = y_all[idx].to(dev)
-            out = stacked(xb, None if ids_all is None else ids_all[idx].to(dev))
+            flat = idx.reshape(-1)
+            B = idx.shape[1]
+            # index_select on the flat index: about twice as fast as x[idx] with an (S, B) index.
+            xb = x_all.index_select(0, flat).view(S, B, *x_all.shape[1:]).to(dev)
+            yb = y_all.index_select(0, flat).view(S, B, *y_all.shape[1:]).to(dev)
+            ib = None if ids_all is None else ids_all.index_select(0, flat).view(S, B).to(dev)
+            out = stacked(xb, ib)
             task = _per_seed_loss(loss_fn, out, yb)
             if len(moes) == 1:
                 aux = dict(moes[0].aux_losses)
@@ -887,6 +891,16 @@ def fit_seeds(
     stacked.write_back()
     return SeedRuns(seeds, models, hists, time.perf_counter() - t_start,
                     path=describe_path(stacked))
+
+
+def _adam(groups, lr, weight_decay):
+    """Adam as ``fit`` uses it, in its fused form where this torch has one: one pass over each
+    stacked tensor instead of about ten (Adam is elementwise, so stacking changes nothing else;
+    the fused kernel rounds differently from the loop in the last bit)."""
+    try:
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _seed_slices(stacked: StackedModel, s: int) -> dict:
