@@ -26,8 +26,7 @@ definition; each MoE's utilisation; auxiliary losses). The trained weights are w
 into the S modules, so everything that works on a model from ``fit`` works on them. The oracle
 tests (tests/test_multiseed.py) check all of this against S sequential ``fit`` runs.
 
-Supported modules: ``nn.Linear``, ``nn.Conv2d`` (inside the package's conv nets),
-``nn.Sequential``, parameter-free ``Flatten``/``ReLU``/``GELU``/``Tanh``/``Sigmoid``/``SiLU``/
+Supported modules: ``nn.Linear``, ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Sequential``, parameter-free ``Flatten``/``ReLU``/``GELU``/``Tanh``/``Sigmoid``/``SiLU``/
 ``Identity``, :class:`~tutorial_moe.experts.MLPExpert` (no active dropout),
 :class:`~tutorial_moe.experts.ConvExpert`, :class:`~tutorial_moe.experts.ConvGate`,
 :class:`~tutorial_moe.experts.DenseGate`, and :class:`~tutorial_moe.moe.MoE` with a
@@ -288,6 +287,41 @@ class _SMLP(nn.Module):
             layer.write_back()
 
 
+class _SConvLayer(nn.Module):
+    """A lone ``nn.Conv2d`` (e.g. inside an ``nn.Sequential``): (G // share, B, C, H, W) -> (G, B, C', H', W')."""
+
+    def __init__(self, convs, share: int = 1, where: str = "Conv2d"):
+        super().__init__()
+        self.conv = _SConv2d(convs, share, where)
+        self.G = len(convs)
+
+    def forward(self, x):
+        y = self.conv(_to_channels(x))
+        B, _, H, W = y.shape
+        return y.view(B, self.G, -1, H, W).transpose(0, 1)
+
+    def write_back(self):
+        self.conv.write_back()
+
+
+class _SMaxPool(nn.Module):
+    """``nn.MaxPool2d`` on (G, B, C, H, W): the members are folded into the batch."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.args = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        if pool.return_indices:
+            raise TypeError("stack_models: nn.MaxPool2d(return_indices=True) cannot be stacked")
+
+    def forward(self, x):
+        G, B = x.shape[:2]
+        y = F.max_pool2d(x.reshape(G * B, *x.shape[2:]), *self.args)
+        return y.view(G, B, *y.shape[1:])
+
+    def write_back(self):
+        pass
+
+
 class _SElementwise(nn.Module):
     def __init__(self, fn):
         super().__init__()
@@ -505,6 +539,11 @@ def _stack(modules, share, where, ctx):
         return _SMoE(modules, share, where, ctx)
     if t is nn.Sequential:
         return _SSequential(modules, share, where, ctx)
+    if t is nn.Conv2d:
+        return _SConvLayer(modules, share, where)
+    if t is nn.MaxPool2d:
+        _same(modules, ("kernel_size", "stride", "padding", "dilation", "ceil_mode"), where)
+        return _SMaxPool(first)
     if t is nn.Flatten:
         if (first.start_dim, first.end_dim) != (1, -1):
             raise TypeError(f"stack_models: {where}: only nn.Flatten() with start_dim=1, end_dim=-1 can be stacked")
@@ -514,7 +553,7 @@ def _stack(modules, share, where, ctx):
             raise TypeError(f"stack_models: {where}: nn.GELU(approximate={first.approximate!r}) is not supported")
         return _SElementwise(_ELEMENTWISE[t])
     raise TypeError(
-        f"stack_models: {where}: cannot stack a {t.__name__}; supported: Linear, Sequential, Flatten, "
+        f"stack_models: {where}: cannot stack a {t.__name__}; supported: Linear, Conv2d, MaxPool2d, Sequential, Flatten, "
         "ReLU/GELU/Tanh/Sigmoid/SiLU/Identity, MLPExpert, ConvExpert, ConvGate, DenseGate, MoE "
         "(SoftmaxRouter, TopKRouter, OracleRouter), and types added with register_stacking; "
         "train this model with fit, one seed at a time"
