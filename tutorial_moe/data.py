@@ -9,25 +9,33 @@ Two calls cover the book:
 
 Where the pixels come from (``source``):
 
-* ``"embedded"``: two small real datasets inside the package (``tutorial_moe/data/*.npz``, provenance in
-  ``tutorial_moe/data/DATA.md``): 4,000/1,000 MNIST images and 4,000/1,000 Fashion-MNIST images, 400/100
-  per class. No network, no files outside the package.
-* ``"torchvision"``: the full datasets in torchvision's folder layout under :func:`data_dir`, downloaded
+* ``"embedded"``: the full MNIST and Fashion-MNIST datasets inside the package, official split (60,000
+  train / 10,000 test images each; ``tutorial_moe/data/*.npz``, provenance in ``tutorial_moe/data/DATA.md``).
+  Every file is checked against the size and sha256 in ``tutorial_moe/data/manifest.json`` before it is
+  read. No network, no files outside the package.
+* ``"torchvision"``: MNIST and CIFAR-10 in torchvision's folder layout under :func:`data_dir`, downloaded
   by torchvision when they are missing (so this needs the network once). Errors when unavailable.
-* ``"auto"`` (default): ``"embedded"`` in the default mode (fast, deterministic, never touches the
-  network); with ``TUTORIAL_MOE_FULL=1`` the full data when it can be had (torchvision's folders, or for
-  Fashion-MNIST Debian's ``dataset-fashion-mnist`` files) and otherwise the embedded data, saying once why.
+* ``"auto"`` (default): the embedded data. The one exception is the second domain of
+  ``load_two_domains`` with ``TUTORIAL_MOE_FULL=1``: CIFAR-10 (as in seed 004) when it is on disk or
+  downloadable, otherwise the embedded Fashion-MNIST, saying once why.
 
-Loaded arrays are cached in memory, so a repeated call costs only a copy. Files on disk are read by the
-small readers below rather than by torchvision's dataset classes: the formats are simple, importing
-torchvision takes seconds, and torchvision's CIFAR-10 class refuses any folder whose md5 sums differ
-from the official ones (which rules out testing it on a tiny folder).
+``limit=N`` takes a stratified subset: every class keeps its share of the split (largest-remainder
+rounding of ``N * class count / split size``), and within a class the images are drawn in one fixed
+pseudo-random order, so the same call always gives the same images (see :func:`_stratified_indices`).
+
+The decoded uint8 arrays are cached in memory (about 55 MB per dataset and split), so only the first call
+in a process reads a file; every call then builds its own float32 tensors from them, so a caller may
+change what it gets without touching the cache. Files on disk are read by the small readers below
+rather than by torchvision's dataset classes: the formats are simple, importing torchvision takes
+seconds, and torchvision's CIFAR-10 class refuses any folder whose md5 sums differ from the official
+ones (which rules out testing it on a tiny folder).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import gzip
+import hashlib
 import json
 import numbers
 import os
@@ -50,7 +58,7 @@ __all__ = [
 ]
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "data"
-DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+MANIFEST = "manifest.json"
 SPLITS = ("train", "test")
 SOURCES = ("auto", "embedded", "torchvision")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 256
@@ -63,8 +71,9 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-_EMBEDDED_FILES = {"MNIST": "mnist_5k.npz", "Fashion-MNIST": "fashion_subset.npz"}
-_TORCHVISION_NAMES = {"MNIST": "MNIST", "Fashion-MNIST": "FashionMNIST"}
+_EMBEDDED_FILES = {"MNIST": "mnist.npz", "Fashion-MNIST": "fashion_mnist.npz"}
+# Any fixed number: it decides which images a limit= subset takes within each class, once and for all.
+_SUBSET_SEED = 20240607
 _IDX_STEMS = {"train": "train", "test": "t10k"}
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -168,36 +177,78 @@ def _checked_arrays(x: np.ndarray, y: np.ndarray, where: str, classes: int = 10)
     return x, y
 
 
+_FIX = ("reinstall tutorial_moe or rebuild the shipped files with "
+        "`python scripts/make_embedded_data.py` (see tutorial_moe/data/DATA.md)")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+        return st.st_mtime_ns, st.st_size
+    except OSError:
+        return 0, 0
+
+
+@functools.lru_cache(maxsize=8)
+def _verify_embedded(path_str: str, stamp: tuple[int, int]) -> None:
+    """Compare a shipped file with its size and sha256 in the manifest next to it; raise if they differ.
+
+    Runs once per file and process (``stamp`` (mtime, size) is only part of the cache key, so a
+    rebuilt file is checked again). Hashing 42 MB costs about 0.1 s.
+    """
+    path = Path(path_str)
+    manifest_path = path.parent / MANIFEST
+    try:
+        entry = json.loads(manifest_path.read_text(encoding="utf-8"))["files"][path.name]
+        expected_size, expected_sha = int(entry["bytes"]), str(entry["sha256"])
+    except FileNotFoundError as e:
+        raise ValueError(f"embedded data manifest {manifest_path} is missing; {_FIX}") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"embedded data manifest {manifest_path} has no valid entry for {path.name} "
+                         f"({type(e).__name__}: {e}); {_FIX}") from e
+    if not path.is_file():
+        raise ValueError(f"embedded data file {path} is missing; {_FIX}")
+    size = path.stat().st_size
+    if size != expected_size:
+        raise ValueError(f"embedded data file {path} is truncated or altered: {size:,} bytes, the manifest "
+                         f"says {expected_size:,}; {_FIX}")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected_sha:
+        raise ValueError(f"embedded data file {path} is corrupt: sha256 {digest.hexdigest()}, the manifest "
+                         f"{manifest_path} says {expected_sha}; {_FIX}")
+
+
 @functools.lru_cache(maxsize=8)
 def _read_embedded(path_str: str, split: str, stamp: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``stamp`` (mtime, size) is only part of the cache key: a rebuilt file is read again."""
+    """The decoded uint8 images and int64 labels of one split of a shipped file (cached: see ``_stamp``).
+
+    Only the two zip members of ``split`` are decompressed; numpy reads them in chunks into the final
+    arrays, so a load needs little more memory than the arrays themselves.
+    """
     path = Path(path_str)
-    fix = ("reinstall tutorial_moe or rebuild the file with "
-           "`python scripts/make_embedded_data.py` (see tutorial_moe/data/DATA.md)")
+    _verify_embedded(path_str, stamp)
     try:
         with np.load(path, allow_pickle=False) as npz:
             x, y = npz[f"x_{split}"], npz[f"y_{split}"]
             meta = json.loads(str(npz["meta"].reshape(-1)[0])) if "meta" in npz.files else {}
     except FileNotFoundError as e:
-        raise ValueError(f"embedded data file {path} is missing; {fix}") from e
+        raise ValueError(f"embedded data file {path} is missing; {_FIX}") from e
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError, ValueError) as e:
         raise ValueError(
-            f"embedded data file {path} is corrupt or truncated ({type(e).__name__}: {e}); {fix}"
+            f"embedded data file {path} is corrupt or truncated ({type(e).__name__}: {e}); {_FIX}"
         ) from e
     x, y = _checked_arrays(x, y, f"embedded data file {path} ({split})")
     return x, y, meta
 
 
-def _embedded(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+def _embedded(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray, str, str]:
     path = EMBEDDED_DIR / _EMBEDDED_FILES[dataset]
-    try:
-        st = path.stat()
-        stamp = (st.st_mtime_ns, st.st_size)
-    except OSError:
-        stamp = (0, 0)
-    x, y, meta = _read_embedded(str(path), split, stamp)
-    via = f", via {meta['via']}" if meta.get("via") else ""
-    return x, y, f"{dataset} {split}: embedded subset of {len(y):,} real images ({path.name}{via})"
+    x, y, meta = _read_embedded(str(path), split, _stamp(path))
+    via = f", {meta['via']}" if meta.get("via") else ""
+    return x, y, f"{dataset} {split}", f"embedded in the package: {path.name}{via}"
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -268,10 +319,10 @@ def _torchvision_download(name: str, root: Path, train: bool) -> None:
         raise DataUnavailableError(_unavailable[key]) from e
 
 
-def _torchvision_mnist_like(dataset: str, split: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """MNIST or Fashion-MNIST from torchvision's layout ``<data_dir>/<Name>/raw/``, downloading if missing."""
+def _torchvision_mnist(split: str) -> tuple[np.ndarray, np.ndarray, str, str]:
+    """MNIST from torchvision's layout ``<data_dir>/MNIST/raw/``, downloading it if missing."""
     root = data_dir()
-    name = _TORCHVISION_NAMES[dataset]
+    name = "MNIST"
     raw = root / name / "raw"
     files = _idx_pair(raw, split)
     if files is None:
@@ -280,18 +331,7 @@ def _torchvision_mnist_like(dataset: str, split: str) -> tuple[np.ndarray, np.nd
         if files is None:
             raise DataUnavailableError(f"torchvision reported success but {raw} lacks the {split} idx files")
     x, y = _read_idx_pair(str(files[0]), str(files[1]))
-    return x, y, f"{dataset} {split}: full dataset, {len(y):,} images (torchvision files in {raw})"
-
-
-def _debian_fashion(split: str) -> tuple[np.ndarray, np.ndarray, str]:
-    files = _idx_pair(DEBIAN_FASHION_DIR, split)
-    if files is None:
-        raise DataUnavailableError(
-            f"Debian's dataset-fashion-mnist files are not in {DEBIAN_FASHION_DIR} "
-            "(apt-get install dataset-fashion-mnist)"
-        )
-    x, y = _read_idx_pair(str(files[0]), str(files[1]))
-    return x, y, f"Fashion-MNIST {split}: full dataset, {len(y):,} images (Debian dataset-fashion-mnist)"
+    return x, y, f"MNIST {split}", f"torchvision files in {raw}"
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -325,74 +365,77 @@ def _read_cifar_folder(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]
     return _checked_arrays(x, y, f"CIFAR-10 folder {folder}")
 
 
-def _torchvision_cifar10(split: str) -> tuple[np.ndarray, np.ndarray, str]:
+def _torchvision_cifar10(split: str) -> tuple[np.ndarray, np.ndarray, str, str]:
     root = data_dir()
     folder = root / _CIFAR_FOLDER
     needed = _CIFAR_FILES["train"] + _CIFAR_FILES["test"] + ("batches.meta",)
     if not all((folder / n).is_file() for n in needed):
         _torchvision_download("CIFAR10", root, train=split == "train")
     x, y = _read_cifar_folder(str(folder), split)
-    return x, y, f"CIFAR-10 {split}: full dataset, {len(y):,} images in grayscale (torchvision files in {folder})"
+    return x, y, f"CIFAR-10 {split}", f"in grayscale, torchvision files in {folder}"
 
 
 # ----------------------------------------------------------------------------------- source choice
-
-
-def _first_available(attempts, fallback, what: str):
-    """Try each loader in order; on DataUnavailableError move on and finally use ``fallback``."""
-    reasons = []
-    for loader in attempts:
-        try:
-            return loader()
-        except DataUnavailableError as e:
-            reasons.append(str(e))
-    x, y, info = fallback()
-    _announce(f"TUTORIAL_MOE_FULL=1 but the full {what} is unavailable ({'; '.join(reasons)}); "
-              f"using the embedded subset instead")
-    return x, y, info + f" [full {what} unavailable offline or not on disk]"
+# Every raw loader returns (images uint8 (N, H, W), labels int64 (N,), name, where), e.g. name
+# "MNIST train" and where "embedded in the package: mnist.npz, ..."; _describe turns them into info.
 
 
 def _digits_raw(split: str, source: str, full: bool):
-    if source == "embedded" or (source == "auto" and not full):
-        return _embedded("MNIST", split)
+    """The shipped MNIST is the official full split, so "auto" never needs the network for digits."""
     if source == "torchvision":
-        return _torchvision_mnist_like("MNIST", split)
-    return _first_available([lambda: _torchvision_mnist_like("MNIST", split)],
-                            lambda: _embedded("MNIST", split), "MNIST")
+        return _torchvision_mnist(split)
+    return _embedded("MNIST", split)
 
 
 def _other_domain_raw(split: str, source: str, full: bool):
-    """Domain 1: CIFAR-10 (as in seed 004) when it can be had, else Fashion-MNIST."""
+    """Domain 1: CIFAR-10 (as in seed 004) when asked for or, in full mode, when it can be had; else Fashion-MNIST."""
     if source == "embedded" or (source == "auto" and not full):
         return _embedded("Fashion-MNIST", split)
     if source == "torchvision":
         return _torchvision_cifar10(split)
-    return _first_available(
-        [lambda: _torchvision_cifar10(split), lambda: _debian_fashion(split),
-         lambda: _torchvision_mnist_like("Fashion-MNIST", split)],
-        lambda: _embedded("Fashion-MNIST", split), "second domain (CIFAR-10, or else Fashion-MNIST)",
-    )
+    try:
+        return _torchvision_cifar10(split)
+    except DataUnavailableError as e:
+        x, y, name, where = _embedded("Fashion-MNIST", split)
+        _announce(f"TUTORIAL_MOE_FULL=1 but CIFAR-10 is unavailable ({e}); using the embedded Fashion-MNIST "
+                  "as the second domain instead")
+        return x, y, name, where + "; CIFAR-10 unavailable offline or not on disk"
+
+
+def _describe(name: str, total: int, kept: int, where: str) -> str:
+    """"full dataset" appears only when every image of the split is used (chapters test for it)."""
+    if kept >= total:
+        return f"{name}: full dataset, {total:,} images ({where})"
+    return f"{name}: stratified subset of {kept:,} of {total:,} images ({where})"
 
 
 # ------------------------------------------------------------------------------------- processing
 
 
 def _stratified_indices(labels: np.ndarray, limit: int | None) -> np.ndarray:
-    """Indices of at most ``limit`` samples, classes as equal as possible, in their original order.
+    """Indices of ``limit`` samples in which every class keeps its share, in their original order.
 
-    Deal the samples out like cards: every class's 1st sample, then every class's 2nd, ... and keep the
-    first ``limit``. Class counts then differ by at most one (unless a class runs out).
+    Class c gets floor(limit * n_c / n) samples, and the samples left over go one each to the classes
+    with the largest remainders (ties: the smaller label). Within each class the samples are taken in one
+    fixed pseudo-random order (seed ``_SUBSET_SEED``), not file order: MNIST's test file, for one, puts
+    its 5,000 easier images first. The same labels and limit always give the same indices.
     """
     n = len(labels)
     if limit is None or limit >= n:
         return np.arange(n)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    _, cls, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    cls = cls.reshape(-1)
+    share = limit * counts.astype(np.int64)
+    take = share // n
+    leftover = limit - int(take.sum())
+    by_remainder = np.lexsort((np.arange(len(counts)), -(share % n)))
+    take[by_remainder[:leftover]] += 1
+    key = np.random.default_rng(_SUBSET_SEED).permutation(n)
+    order = np.lexsort((key, cls))                     # grouped by class, fixed random order inside
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - starts
-    dealt = np.lexsort((labels, rank))
-    return np.sort(dealt[:limit])
+    rank[order] = np.arange(n) - starts[cls[order]]
+    return np.flatnonzero(rank < take[cls])
 
 
 def _to_images(x: np.ndarray, size: int) -> torch.Tensor:
@@ -403,7 +446,7 @@ def _to_images(x: np.ndarray, size: int) -> torch.Tensor:
     the classic way MNIST is fed to 32x32 networks (LeNet-5). Any other size change is bilinear
     (antialiased when shrinking).
     """
-    t = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1).float().div_(255.0)
+    t = torch.from_numpy(x.astype(np.float32)).unsqueeze(1).div_(255.0)  # a new, writable array
     h = t.shape[-1]
     if size == h:
         return t
@@ -414,25 +457,23 @@ def _to_images(x: np.ndarray, size: int) -> torch.Tensor:
                          antialias=size < h).clamp_(0.0, 1.0)
 
 
-@functools.lru_cache(maxsize=16)
-def _build_digits(split, source, limit, image_size, full, env_key) -> DataSplit:
-    x, y, info = _digits_raw(split, source, full)
+def _build_digits(split, source, limit, image_size, full) -> DataSplit:
+    x, y, name, where = _digits_raw(split, source, full)
     keep = _stratified_indices(y, limit)
-    if limit is not None and limit < len(y):
-        info += f"; stratified subset of {len(keep):,}"
+    info = _describe(name, len(y), len(keep), where)
     if image_size != x.shape[-1]:
         info += f"; resized {x.shape[-1]}x{x.shape[-1]} -> {image_size}x{image_size}"
-    return DataSplit(_to_images(x[keep], image_size), torch.from_numpy(y[keep]), None, info)
+    images = x if len(keep) == len(y) else x[keep]  # the full split needs no uint8 copy
+    return DataSplit(_to_images(images, image_size), torch.from_numpy(y[keep]), None, info)
 
 
-@functools.lru_cache(maxsize=16)
-def _build_two_domains(split, source, limit, image_size, full, env_key) -> DataSplit:
-    x0, y0, info0 = _digits_raw(split, source, full)
-    x1, y1, info1 = _other_domain_raw(split, source, full)
-    other = "CIFAR-10" if info1.startswith("CIFAR-10") else "Fashion-MNIST"
+def _build_two_domains(split, source, limit, image_size, full) -> DataSplit:
+    x0, y0, name0, where0 = _digits_raw(split, source, full)
+    x1, y1, name1, where1 = _other_domain_raw(split, source, full)
+    other = name1.split(" ")[0]
     notes = []
-    # Full data for one domain next to the embedded subset of the other would let one domain swamp
-    # the other; cap the larger so that neither is more than twice the size of the other.
+    # One domain far larger than the other (for example a tiny CIFAR-10 folder next to the full MNIST)
+    # would let it swamp the task; cap the larger so that neither is more than twice the other.
     n0, n1 = len(y0), len(y1)
     idx0, idx1 = np.arange(n0), np.arange(n1)
     if max(n0, n1) > 2 * min(n0, n1):
@@ -460,22 +501,11 @@ def _build_two_domains(split, source, limit, image_size, full, env_key) -> DataS
         notes.append("28x28 images zero-padded to 32x32")
     elif image_size != x0.shape[-1] or image_size != x1.shape[-1]:
         notes.append(f"images resized to {image_size}x{image_size}")
+    info0 = _describe(name0, n0, int((domain == 0).sum()), where0)
+    info1 = _describe(name1, n1, int((domain == 1).sum()), where1)
     info = (f"MNIST + {other}: labels 0-9 = digits (domain 0), 10-19 = {other} (domain 1). "
             f"{info0}. {info1}" + "".join(f"; {n}" for n in notes))
     return DataSplit(x, torch.from_numpy(y), torch.from_numpy(domain), info)
-
-
-def _env_key(source: str, full: bool) -> tuple:
-    """What besides the arguments decides the result: the folders the data may come from."""
-    if source == "embedded" or (source == "auto" and not full):
-        return (str(EMBEDDED_DIR),)
-    return (str(EMBEDDED_DIR), str(data_dir()), str(DEBIAN_FASHION_DIR))
-
-
-def _copy(split: DataSplit) -> DataSplit:
-    """A fresh copy, so that in-place edits by a caller never reach the cache."""
-    dom = None if split.domain is None else split.domain.clone()
-    return DataSplit(split.x.clone(), split.y.clone(), dom, split.info)
 
 
 def load_digits(split: str = "train", source: str = "auto", limit: int | None = None,
@@ -483,11 +513,13 @@ def load_digits(split: str = "train", source: str = "auto", limit: int | None = 
     """Real MNIST digits.
 
     split: "train" or "test". source: "auto", "embedded" or "torchvision" (see the module docstring).
-    limit: at most this many images, classes balanced (a stratified subset); None for all.
+    limit: at most this many images, a stratified subset (every digit keeps its share of the split,
+    the same images on every call; see the module docstring); None for the whole split.
     image_size: side S of the returned images (28 is native; 32 zero-pads; other sizes are bilinear).
 
     Returns DataSplit(x float32 (N, 1, S, S) in [0, 1], y int64 (N,) 0-9, domain None, info str).
-    Embedded: 4,000 train / 1,000 test images, 400 / 100 per digit.
+    Embedded (the default): MNIST's official split, 60,000 train / 10,000 test images. ``info`` contains
+    "full dataset" exactly when the whole split was returned.
     """
     func = "load_digits"
     split = _check_choice(split, SPLITS, "split", func)
@@ -496,11 +528,11 @@ def load_digits(split: str = "train", source: str = "auto", limit: int | None = 
     image_size = _check_int(image_size, "image_size", func, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, none_ok=False)
     full = full_mode()
     try:
-        return _copy(_build_digits(split, source, limit, image_size, full, _env_key(source, full)))
+        return _build_digits(split, source, limit, image_size, full)
     except DataUnavailableError as e:
         raise DataUnavailableError(
             f"{func}(source='torchvision'): {e}. Connect to the network once (the files are kept in "
-            f"{data_dir()}, set by TUTORIAL_MOE_DATA), or use source='embedded' for the shipped subset"
+            f"{data_dir()}, set by TUTORIAL_MOE_DATA), or use source='embedded' for the shipped data"
         ) from e
 
 
@@ -512,9 +544,12 @@ def load_two_domains(split: str = "train", source: str = "auto", limit: int | No
     when it is available (source "torchvision", or "auto" with TUTORIAL_MOE_FULL=1 and the data on disk
     or downloadable), otherwise Fashion-MNIST. ``info`` and ``.other_domain`` say which ran;
     ``.class_names`` names all 20 labels. The two domains are interleaved in a fixed order.
+    limit: at most this many images, a stratified subset over the 20 classes (so each domain keeps its
+    share); None for all.
 
     Returns DataSplit(x float32 (N, 1, S, S) in [0, 1], y int64 (N,) 0-19, domain int64 (N,) 0/1, info).
-    Embedded: 8,000 train / 2,000 test images, 400 / 100 per class.
+    Embedded: full MNIST + full Fashion-MNIST, 120,000 train / 20,000 test images (at 32x32 the full
+    training split is 0.5 GB of float32: pass a limit unless you need it all).
     """
     func = "load_two_domains"
     split = _check_choice(split, SPLITS, "split", func)
@@ -523,17 +558,17 @@ def load_two_domains(split: str = "train", source: str = "auto", limit: int | No
     image_size = _check_int(image_size, "image_size", func, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, none_ok=False)
     full = full_mode()
     try:
-        return _copy(_build_two_domains(split, source, limit, image_size, full, _env_key(source, full)))
+        return _build_two_domains(split, source, limit, image_size, full)
     except DataUnavailableError as e:
         raise DataUnavailableError(
             f"{func}(source='torchvision'): {e}. Connect to the network once (the files are kept in "
-            f"{data_dir()}, set by TUTORIAL_MOE_DATA), or use source='embedded' for the shipped subset"
+            f"{data_dir()}, set by TUTORIAL_MOE_DATA), or use source='embedded' for the shipped data"
         ) from e
 
 
 def clear_cache() -> None:
     """Forget every loaded array, failed download and printed notice (tests; or after new files arrive)."""
-    for fn in (_read_embedded, _read_idx_pair, _read_cifar_folder, _build_digits, _build_two_domains):
+    for fn in (_verify_embedded, _read_embedded, _read_idx_pair, _read_cifar_folder):
         fn.cache_clear()
     _unavailable.clear()
     _announced.clear()
