@@ -36,7 +36,7 @@ Anything else raises ``TypeError`` naming the module.
 """
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -468,8 +468,14 @@ class _SMoE(nn.Module):
             keep = torch.arange(kmax, device=x.device) < torch.tensor(ks, device=x.device).view(S, 1, 1)
             keep = keep.expand(S, B, kmax)
             chosen = chosen * keep
-        if self.normalize:
+        # Renormalise the chosen weights as the router would at each seed's current k: a bool
+        # ``normalize`` always or never; None (the package's default since issue 14) only when k > 1.
+        renorm = [(k > 1) if self.normalize is None else bool(self.normalize) for k in ks]
+        if all(renorm):
             chosen = chosen / chosen.sum(-1, keepdim=True)
+        elif any(renorm):
+            flags = torch.tensor(renorm, device=x.device).view(S, 1, 1)
+            chosen = torch.where(flags, chosen / chosen.sum(-1, keepdim=True), chosen)
         weights = torch.zeros_like(probs).scatter(-1, indices, chosen)
         mask = torch.zeros(probs.shape, dtype=torch.bool, device=x.device)
         mask = mask.scatter(-1, indices, True if keep is None else keep)
@@ -489,8 +495,15 @@ class _SMoE(nn.Module):
         ys = ys.view(S, E, *ys.shape[1:])
         w = weights.transpose(1, 2).unsqueeze(-1).to(ys.dtype)  # (S, E, B, 1)
         out = (w * (ys.softmax(-1) if self.combine == "probs" else ys)).sum(1)
-        if self.combine == "probs":
+        if self.combine == "probs" and not _probs_combine_renormalises():
             out = out.clamp_min(1e-12).log()
+        elif self.combine == "probs":
+            # MoE's mixture of probabilities, renormalised over the weights each sample kept (a
+            # no-op when they sum to 1); a sample that kept no expert gets the uniform distribution.
+            total = weights.sum(-1, keepdim=True).to(out.dtype)
+            kept = total > 0
+            log_mix = out.clamp_min(1e-12).log() - torch.where(kept, total, torch.ones_like(total)).log()
+            out = torch.where(kept, log_mix, torch.full_like(log_mix, -math.log(out.shape[-1])))
         self.last = (logits, probs, weights, mask)
         self.aux_losses = self._aux(logits, probs, weights, mask, aux, ys) if self.losses else {}
         return out
@@ -518,6 +531,25 @@ class _SMoE(nn.Module):
                 m.router.k = k
             if hasattr(m.router, "temperature"):
                 m.router.temperature = t
+
+
+@functools.lru_cache(maxsize=None)
+def _probs_combine_renormalises() -> bool:
+    """Whether ``MoE(combine="probs")`` divides the mixture by the total weight each sample kept
+    (the package does since issue 14; before, it returned log(sum_e w_e softmax(y_e)) as is).
+
+    Asked of the package itself, so the stacked model follows whichever version is installed:
+    adding even a zero term to the loss changes the rounding, and Adam can amplify that.
+    """
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        experts = [nn.Linear(1, 2) for _ in range(2)]
+        for e in experts:
+            nn.init.zeros_(e.weight)
+            nn.init.zeros_(e.bias)
+        router = TopKRouter(1, 2, 1, normalize=False)  # weight = raw probability 0.5
+        nn.init.zeros_(router.gate.weight)
+        out = MoE(experts, router, combine="probs").eval()(torch.ones(1, 1))
+    return abs(float(out[0, 0]) - math.log(0.5)) < 1e-4  # renormalised: log 0.5; plain: log 0.25
 
 
 def _stack(modules, share, where, ctx):
