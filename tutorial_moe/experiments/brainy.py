@@ -39,6 +39,7 @@ __all__ = [
     "predict",
     "dense_brainy",
     "dense_width_for",
+    "conv_brainy",
     "FlattenGate",
     "brainy_moe",
     "seed003_soft_moe",
@@ -165,6 +166,27 @@ def dense_width_for(num_params: int, image_size: int = 28, depth: int = 1, num_c
         if n > num_params:
             return best
         h += 1
+
+
+def conv_brainy(channels: int = 8, hidden: int = 128, kernel: int = 5, image_size: int = 28,
+                num_classes: int = 10) -> nn.Sequential:
+    """Brainy with one convolution in front (chapter 02): Conv2d(1, channels, kernel, stride 2) -
+    ReLU - flatten - Linear(., hidden) - ReLU - Linear(hidden, 10) logits.
+
+    Still dense in the MoE sense: every weight works on every image. The convolution's few
+    weights are reused at every position of the image, so the network costs more multiply-adds
+    per image than it has parameters (an MoE goes the other way).
+    """
+    where = "conv_brainy"
+    for name, value in (("channels", channels), ("hidden", hidden), ("num_classes", num_classes)):
+        check_int(name, value, low=1, where=where)
+    check_int("kernel", kernel, low=1, where=where)
+    check_int("image_size", image_size, low=kernel, where=where)
+    side = (image_size - kernel) // 2 + 1  # positions of a stride-2 window without padding
+    return nn.Sequential(
+        nn.Conv2d(1, channels, kernel, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(channels * side * side, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+    )
 
 
 class FlattenGate(nn.Module):
