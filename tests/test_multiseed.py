@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from tutorial_moe import MoE, MoELayer, TopKRouter
 from tutorial_moe.experiments import two_domains as td
-from tutorial_moe.experiments.brainy import FlattenGate, brainy_moe, dense_brainy, seed003_soft_moe
+from tutorial_moe.experiments.brainy import FlattenGate, brainy_moe, conv_brainy, dense_brainy, seed003_soft_moe
 from tutorial_moe.experts import MLPExpert
 from tutorial_moe.multiseed import StackedModel, fit_seeds, register_stacking, stack_models
 from tutorial_moe.schedules import k_per_epoch, temperature_annealing
@@ -116,6 +116,13 @@ def test_topk_with_switch_and_z_losses_clipping_and_temperature_matches_sequenti
 def test_conv_experts_match_sequential_fit():
     _check(lambda: brainy_moe(3, 8, k=2, image_size=SIZE, expert="conv", conv_width=4), epochs=2, batch_size=32,
            lr=5e-3)
+
+
+def test_conv_brainy_and_a_pooled_sequential_match_sequential_fit():
+    _check(lambda: conv_brainy(3, 8, kernel=3, image_size=SIZE), epochs=2, batch_size=32, lr=5e-3)
+    _check(lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+                                 nn.Flatten(), nn.Linear(3 * 4 * 4, 10)),
+           epochs=1, batch_size=32, lr=5e-3)
 
 
 def test_conv_gate_with_ids_data_matches_sequential_fit():
