@@ -512,8 +512,10 @@ def test_script_readers_agree_with_package(tmp_path):
 def test_script_writes_deterministic_npz_the_loader_reads(tmp_path, monkeypatch):
     script = _script()
     rng = np.random.default_rng(0)
-    arrays = {"x_train": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), "y_train": np.arange(20, dtype=np.uint8) % 10,
-              "x_test": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), "y_test": np.arange(10, dtype=np.uint8)}
+    arrays = {"x_train": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+              "y_train": np.arange(20, dtype=np.uint8) % 10,
+              "x_test": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+              "y_test": np.arange(10, dtype=np.uint8)}
     blob = script.packed(arrays, {"via": "a test"})
     assert blob == script.packed(arrays, {"via": "a test"})  # bit for bit: fixed timestamps and level
     path = _ship(tmp_path / "built", blob)
