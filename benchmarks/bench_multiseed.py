@@ -13,7 +13,8 @@ the Python left over (wall time minus all operator time).
 Usage:
     python benchmarks/bench_multiseed.py              # the recorded run (a few minutes)
     python benchmarks/bench_multiseed.py --quick      # seconds; the CI smoke test
-Outputs ``benchmarks/results/multiseed_cpu_fp32[_quick].{json,csv}``.
+    python benchmarks/bench_multiseed.py --threads 2  # both cores for both sides
+Outputs ``benchmarks/results/multiseed_cpu_fp32[_<n>threads][_quick].{json,csv}``.
 """
 from __future__ import annotations
 
@@ -189,7 +190,8 @@ def main(argv=None):
     rows = [run_case(name, args, size) for name in args.cases]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "multiseed_cpu_fp32" + ("_quick" if args.quick else "")
+    stem = ("multiseed_cpu_fp32" + ("" if args.threads == 1 else f"_{args.threads}threads")
+            + ("_quick" if args.quick else ""))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
             "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
