@@ -26,6 +26,15 @@ echo "setup: installing tutorial_moe[$extra] into .venv (first time: several min
 .venv/bin/python -m pip install --disable-pip-version-check -q -e ".[$extra]" 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 .venv/bin/python -c "import tutorial_moe, torch; print('setup: torch', torch.__version__)"
+if [[ "$extra" == "test" ]]; then
+  # The torchtitan peer test (tests/test_torchtitan_peer.py) needs torchtitan's MoE module,
+  # which imports only torch, tyro and spmd_types ([test] lists those two). The wheel's other
+  # requirements (datasets, pyarrow, tensorboard, wandb, torchdata, ...) serve its trainer, so
+  # it goes in without them; `pip install -e '.[peer]'` installs the full torchtitan instead.
+  .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps "torchtitan==0.3.0" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+  .venv/bin/python -c "import tutorial_moe.peers as p; p.import_torchtitan(); print('setup: torchtitan', p.TORCHTITAN_VERSION)"
+fi
 
 # The widget manager that renders saved ipywidgets in static pages ships only on npm
 # (@jupyter-widgets/html-manager, BSD-3; RequireJS, MIT). Without npm the pages load it from a

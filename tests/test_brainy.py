@@ -16,7 +16,6 @@ from tutorial_moe.experiments.brainy import (
     accuracy_at_every_k,
     auroc,
     brainy_moe,
-    compare_runs,
     count_parameters,
     dense_brainy,
     dense_width_for,
@@ -343,20 +342,6 @@ def test_summarize_matches_statistics(values):
 def test_summarize_empty():
     with pytest.raises(ValueError, match="empty"):
         summarize([])
-
-
-def test_compare_runs():
-    assert compare_runs([0.9, 0.91, 0.92], [0.8, 0.85, 0.89], "a", "b") == "a > b"
-    assert compare_runs([0.8, 0.85], [0.9, 0.95], "a", "b") == "a < b"
-    assert compare_runs([0.8, 0.9], [0.85, 0.95]) == "no significant difference"
-    with pytest.raises(ValueError, match="at least 2"):
-        compare_runs([0.9], [0.8, 0.7])
-
-
-@given(st.lists(st.floats(0, 1), min_size=2, max_size=5), st.lists(st.floats(0, 1), min_size=2, max_size=5))
-def test_compare_runs_is_antisymmetric(a, b):
-    ab, ba = compare_runs(a, b, "x", "y"), compare_runs(b, a, "y", "x")
-    assert ab == ba.replace("y > x", "x < y").replace("y < x", "x > y")
 
 
 # ----------------------------------------------------------------------------- inference cost

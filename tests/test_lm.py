@@ -168,28 +168,11 @@ def test_collect_lm_routing_labels_line_up(corpus):
         collect_lm_routing(TinyLM(TINY), corpus.val)
 
 
-def test_compare_seeds_uses_the_seed_spread_as_noise():
-    from tutorial_moe.experiments.lm import compare_seeds
+def test_lm_has_no_significance_rule_of_its_own():
+    # Comparisons go through tutorial_moe.book.evidence.compare (the book's one protocol).
+    from tutorial_moe.experiments import lm
 
-    r = compare_seeds([2.0, 2.1], [2.5, 2.45])
-    assert r["noise"] == pytest.approx(0.1) and r["verdict"] == "better"
-    assert r["difference"] == pytest.approx(2.05 - 2.475)
-    assert compare_seeds([2.0, 2.3], [2.2, 2.25])["verdict"] == "no significant difference"
-    assert compare_seeds([0.9], [0.8], noise=0.05, lower_is_better=False)["verdict"] == "better"
-    with pytest.raises(ValueError, match="noise="):
-        compare_seeds([1.0], [2.0])
-
-
-def test_paired_difference_standard_error():
-    from tutorial_moe.experiments.lm import paired_difference
-
-    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    r = paired_difference(a, a + torch.tensor([0.1, 0.3, 0.1, 0.3]))
-    assert r["difference"] == pytest.approx(-0.2)
-    assert r["standard_error"] == pytest.approx(0.11547 / 2, rel=1e-3) and r["verdict"] == "lower"
-    assert paired_difference(a, a + torch.tensor([1.0, -1.0, 1.0, -1.0]))["verdict"] == "no significant difference"
-    with pytest.raises(ValueError, match="same length"):
-        paired_difference(a, a[:3])
+    assert not hasattr(lm, "compare_seeds") and not hasattr(lm, "paired_difference")
 
 
 def test_evaluate_lm_window_losses_average_to_the_domain_losses(corpus):

@@ -241,41 +241,11 @@ def test_tables_and_counts():
         outcome_counts([], key="seed")
 
 
-def test_usage_imbalance_and_verdict_helpers():
-    from tutorial_moe.experiments.two_domains import frequency_verdict, paired_difference, usage_imbalance
+def test_usage_imbalance():
+    from tutorial_moe.experiments.two_domains import usage_imbalance
 
     assert usage_imbalance([0.5, 0.5]) == 0 and usage_imbalance([1.0, 0.0]) == pytest.approx(0.5)
     assert usage_imbalance([0.25] * 4) == 0 and usage_imbalance([1, 0, 0, 0]) == pytest.approx(0.75)
-    assert [frequency_verdict(c, 3) for c in (0, 1, 3)] == ["fails", "mixed", "holds"]
-    with pytest.raises(ValueError, match="count"):
-        frequency_verdict(4, 3)
-    clear = paired_difference([0.8, 0.82, 0.79], [0.7, 0.71, 0.72])
-    assert clear["beyond_spread"] and clear["mean_diff"] == pytest.approx(0.0933, abs=1e-3)
-    noisy = paired_difference([0.8, 0.6, 0.75], [0.7, 0.71, 0.72])  # signs differ
-    assert not noisy["beyond_spread"]
-    with pytest.raises(ValueError, match="same length"):
-        paired_difference([0.1], [0.2])
-
-
-def test_direction_and_claim_verdict():
-    from tutorial_moe.experiments.two_domains import claim_verdict, direction, paired_difference
-
-    up = paired_difference([0.8, 0.82, 0.79], [0.7, 0.71, 0.72])
-    down = paired_difference([0.7, 0.71, 0.72], [0.8, 0.82, 0.79])
-    flat = paired_difference([0.8, 0.6, 0.75], [0.7, 0.71, 0.72])
-    assert direction(up, "MoE better", "oracle better") == "MoE better"
-    assert direction(down, "MoE better", "oracle better") == "oracle better"
-    assert direction(flat) == "no significant difference"
-    assert claim_verdict(["x", "x"], "x", "y") == "holds"
-    assert claim_verdict(["y", "y"], "x", "y") == "fails"
-    assert claim_verdict(["no significant difference"] * 2, "x", "y") == "no significant difference"
-    assert claim_verdict(["x", "no significant difference"], "x", "y") == "mixed"
-    assert claim_verdict(["x", "y"], "x", "y") == "mixed"
-    assert claim_verdict(["y", "no significant difference"], "x", "y") == "fails"
-    with pytest.raises(ValueError, match="neither"):
-        claim_verdict(["z"], "x", "y")
-    with pytest.raises(ValueError, match="empty"):
-        claim_verdict([], "x", "y")
 
 
 def test_seed_loss_trainer_labels_and_applies_the_loss():

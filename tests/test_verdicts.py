@@ -1,30 +1,75 @@
 from tutorial_moe.book import verdicts
+from tutorial_moe.book.claims import Claims
+from tutorial_moe.book.evidence import HOLDS, INCONCLUSIVE, NOT_REPRODUCED, compare, shown
 
 
 def test_register_rows_are_well_formed():
     assert len(verdicts.SEED_CLAIMS) >= 25
+    keys = set()
     for entry in verdicts.SEED_CLAIMS:
         assert entry["seed"] in verdicts.SEED_FILES
         assert entry["chapter"][:2].isdigit() and entry["claim"]
+        assert isinstance(entry["key"], str) and entry["key"]
+        assert (entry["chapter"], entry["key"]) not in keys
+        keys.add((entry["chapter"], entry["key"]))
     assert {e["seed"] for e in verdicts.SEED_CLAIMS} == set(verdicts.SEED_FILES)
 
 
-def test_table_joins_saved_claims_and_reports_missing_ones():
+def test_verdict_words_are_the_protocols_plus_not_measured():
+    assert verdicts.VERDICTS[:-1] == (HOLDS, "fails", INCONCLUSIVE, NOT_REPRODUCED, "shown")
+    assert verdicts.VERDICTS[-1] == verdicts.NOT_MEASURED == "not measured in this build"
+
+
+def _saved_claims():
+    claims = Claims("05_top_k")
+    claims.add("matthew_effect", compare([3.0, 3.2, 2.9], [1.0, 1.1, 1.2], ">", what="share"))
+    claims.add(
+        "expert_collapse",
+        compare([1, 2, 3], [1.5, 1, 2], ">", what="dead", scale_note="48 steps, not 1,000"),
+    )
+    claims.add("top_k_saves_inference_compute", shown(0.52, what="MAC ratio"))
+    claims.add("own_claim", compare([1, 2], [2, 1], ">"), claim="a claim of the chapter")
+    return claims.to_results()
+
+
+def test_table_joins_by_chapter_and_key_only():
     saved = {
-        "03_gating": {"claims": {"gate_learns_jointly": {"seed": "000", "claim": "x", "measured": "grad 0.3",
-                                                         "verdict": "holds"}}},
-        "12_single_moe": {"claims": {"split": {"seed": "001", "claim": "y", "measured": "1/4", "verdict": "fails"}}},
-        "99_extra": {"claims": {"new": {"seed": "002", "claim": "an extra claim", "measured": "m", "verdict": "mixed"}}},
+        "05_top_k": {"claims": _saved_claims()},
+        # a saved claim under a key of another chapter's register row is not picked up
+        "03_gating": {"claims": {"some_other_key": {"verdict": HOLDS, "n": 3}}},
     }
     rows = verdicts.verdict_table(saved)
-    by_claim = {(r["chapter"], r["claim"]): r for r in rows}
-    joined = next(r for r in rows if r["chapter"] == "03_gating" and r["verdict"] == "holds")
-    assert joined["measured"] == "grad 0.3"
-    # a keyless register entry takes the chapter's first claim of that seed
-    assert any(r["chapter"] == "12_single_moe" and r["verdict"] == "fails" for r in rows)
-    # a claim not in the register is still shown
-    assert ("99_extra", "an extra claim") in by_claim
-    # a chapter that did not run is reported, not guessed
-    assert any(r["chapter"] == "06_two_domains" and r["verdict"] == "not measured in this build" for r in rows)
+    assert len(rows) == len(verdicts.SEED_CLAIMS)
+    by_key = {(r["chapter"], r["key"]): r for r in rows}
+    matthew = by_key[("05_top_k", "matthew_effect")]
+    assert matthew["verdict"] == HOLDS and matthew["n"] == 3
+    assert "share: +" in matthew["effect"] and "95 % CI" in matthew["effect"]
+    collapse = by_key[("05_top_k", "expert_collapse")]
+    assert collapse["verdict"] == NOT_REPRODUCED and collapse["note"] == "48 steps, not 1,000"
+    macs = by_key[("05_top_k", "top_k_saves_inference_compute")]
+    assert macs["verdict"] == "shown" and macs["effect"] == "MAC ratio: 0.52"
+    assert macs["n"] is None
+    # nothing saved under the key: reported, never matched to another claim of the chapter
+    gate = by_key[("03_gating", "gate_learns_jointly")]
+    assert gate["verdict"] == verdicts.NOT_MEASURED and gate["effect"] == ""
+    tough = by_key[("05_top_k", "tough_love_beats_helicopter")]
+    assert tough["verdict"] == verdicts.NOT_MEASURED
     counts = verdicts.verdict_counts(rows)
-    assert counts["holds"] == 1 and sum(counts.values()) == len(rows)
+    assert counts[HOLDS] == 1 and sum(counts.values()) == len(rows)
+    assert list(counts)[-1] == verdicts.NOT_MEASURED
+
+
+def test_unregistered_claims_are_listed_apart():
+    saved = {"05_top_k": {"claims": _saved_claims()}}
+    extra = verdicts.unregistered_claims(saved)
+    assert [(r["chapter"], r["key"], r["claim"]) for r in extra] == [
+        ("05_top_k", "own_claim", "a claim of the chapter")
+    ]
+    assert extra[0]["verdict"] == INCONCLUSIVE
+
+
+def test_results_saved_before_the_protocol_still_show_their_text():
+    saved = {"03_gating": {"claims": {"gate_learns_jointly": {"measured": "grad 0.3",
+                                                              "verdict": HOLDS}}}}
+    row = next(r for r in verdicts.verdict_table(saved) if r["key"] == "gate_learns_jointly")
+    assert row["effect"] == "grad 0.3" and row["verdict"] == HOLDS and row["n"] is None

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from .style import tidy_layout
+
 __all__ = ["DASHBOARD_PANELS", "plot_dashboard", "plot_lines", "plot_bars"]
 
 #: key -> (panel title, y label). Keys are those of ``RoutingMonitor.records``.
@@ -123,7 +125,7 @@ def plot_dashboard(runs, panels=None, title: str | None = None, ncols: int = 4, 
             ax.legend(fontsize=6, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    tidy_layout(fig)
     return fig
 
 
@@ -152,7 +154,7 @@ def plot_lines(x, series: dict, xlabel: str, ylabel: str, title: str, logx: bool
         ax.set_xticklabels([f"{v:g}" for v in x], fontsize=7)
     ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    tidy_layout(fig)
     return fig
 
 
@@ -177,5 +179,5 @@ def plot_bars(labels, series: dict, ylabel: str, title: str, ax=None, rotate: in
     ax.set_ylabel(ylabel); ax.set_title(title, fontsize=10)
     if len(series) > 1:
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    tidy_layout(fig)
     return fig

@@ -6,7 +6,8 @@ figure of the book, and :data:`CONDITION_COLORS` for the recurring non-expert co
 """
 from __future__ import annotations
 
-__all__ = ["EXPERT_COLORS", "CONDITION_COLORS", "FIGURE_WIDTH", "expert_color", "use_book_style", "book_rc"]
+__all__ = ["EXPERT_COLORS", "CONDITION_COLORS", "FIGURE_WIDTH", "expert_color", "use_book_style", "book_rc",
+           "tidy_layout"]
 
 #: Inches. The book's text column is about 7 inches wide; figures are drawn at that width so
 #: 10-pt text stays about 10 pt on the page.
@@ -66,3 +67,10 @@ def use_book_style() -> None:
     import matplotlib as mpl
 
     mpl.rcParams.update(book_rc())
+
+
+def tidy_layout(fig) -> None:
+    """Tighten ``fig``'s layout unless a layout engine already does (the book style turns on
+    constrained layout; calling ``tight_layout`` on such a figure after a colorbar raises)."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()

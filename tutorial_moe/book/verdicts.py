@@ -1,17 +1,31 @@
 """Every claim of the five seed documents, joined with what the chapters measured.
 
 ``SEED_CLAIMS`` is the register: one row per claim (paraphrased), the chapter whose experiment
-tests it and the key under which that chapter saves its verdict (``save_results(...)["claims"]``).
-:func:`verdict_table` reads the saved results of the current build and fills in what was
-measured; a claim whose chapter has not run (or saved no verdict) is reported as
-"not measured in this build", never guessed. Claims a chapter saved that are not in the
-register are appended, so nothing measured is hidden.
+tests it and the key under which that chapter saves its evidence
+(``save_results(chapter, {..., "claims": claims.to_results()})``, see ``book.claims``).
+:func:`verdict_table` joins the register with the saved results of the current build by
+(chapter, key) and by nothing else: a claim whose chapter saved nothing under its key is
+reported as "not measured in this build", never matched to some other measurement. Claims a
+chapter saved that the register does not list are returned by :func:`unregistered_claims`, so
+nothing measured is hidden and nothing is counted twice.
 """
 from __future__ import annotations
 
+import math
+
+from .evidence import VERDICTS as EVIDENCE_VERDICTS
 from .results import load_all_results
 
-__all__ = ["SEED_CLAIMS", "SEED_FILES", "VERDICTS", "verdict_table", "verdict_counts"]
+__all__ = [
+    "SEED_CLAIMS",
+    "SEED_FILES",
+    "NOT_MEASURED",
+    "VERDICTS",
+    "effect_text",
+    "verdict_table",
+    "unregistered_claims",
+    "verdict_counts",
+]
 
 SEED_FILES = {
     "000": "000_a0da35f8602ce113.txt",
@@ -21,8 +35,10 @@ SEED_FILES = {
     "004": "004_25a6c5fe7c08fe0d.txt",
 }
 
-#: The verdict words chapters may use.
-VERDICTS = ("holds", "fails", "mixed", "no significant difference", "untested")
+#: The verdict of a registered claim whose chapter saved nothing under its key in this build.
+NOT_MEASURED = "not measured in this build"
+#: Every verdict the table can show: the protocol's, then "not measured in this build".
+VERDICTS = (*EVIDENCE_VERDICTS, NOT_MEASURED)
 
 SEED_CLAIMS = [
     # seed 000: Brainy
@@ -55,7 +71,7 @@ SEED_CLAIMS = [
     {"seed": "000", "chapter": "05_top_k", "key": "top_k_saves_inference_compute",
      "claim": "running only the top-k experts at inference saves computation (multiply-adds and wall time)"},
     {"seed": "000", "chapter": "15_fast_moe", "key": "topk_inference_saves_compute",
-     "claim": "top-3 of 6 experts at inference, timed with the fast dispatch (recorded benchmark)"},
+     "claim": "top-3 of 6 experts at inference takes less time than running all 6 (timed live, fast dispatch)"},
     # seed 001: Single Mixture of Experts
     {"seed": "001", "chapter": "12_single_moe", "key": "gradient_split",
      "claim": "with E experts and top-1 routing each expert sees only 1/E of the data (the gradient is split)"},
@@ -107,44 +123,73 @@ SEED_CLAIMS = [
 ]
 
 
-def _lookup(saved: dict, chapter: str, key: str | None, seed: str, used: set):
-    claims = (saved.get(chapter) or {}).get("claims") or {}
-    if key is not None:
-        if key in claims:
-            used.add((chapter, key))
-            return claims[key]
-        return None
-    # Registered without a fixed key: take the chapter's first unused claim of this seed.
-    for k, c in claims.items():
-        if (chapter, k) not in used and str(c.get("seed")) == seed:
-            used.add((chapter, k))
-            return c
-    return None
+def _fmt(x, digits: int = 3) -> str:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def effect_text(saved_claim: dict) -> str:
+    """The measured effect of one saved claim, with its interval when it is a comparison."""
+    what = saved_claim.get("what") or ""
+    prefix = f"{what}: " if what else ""
+    diff, ci = saved_claim.get("diff"), saved_claim.get("ci")
+    if diff is not None and ci is not None:
+        lo, hi = ci
+        return f"{prefix}{diff:+.3g} (95 % CI {lo:+.3g} to {hi:+.3g})"
+    if "value" in saved_claim and saved_claim.get("value") is not None:
+        return f"{prefix}{_fmt(saved_claim['value'])}"
+    # results saved before the evidence protocol: the chapter's own text
+    return str(saved_claim.get("measured") or saved_claim.get("text") or "")
+
+
+def _row(seed: str, chapter: str, key: str, claim: str, found: dict | None) -> dict:
+    if found is None:
+        return {"seed": seed, "chapter": chapter, "key": key, "claim": claim,
+                "effect": "", "n": None, "verdict": NOT_MEASURED, "note": ""}
+    n = found.get("n")
+    return {"seed": seed, "chapter": chapter, "key": key, "claim": claim,
+            "effect": effect_text(found), "n": n if n else None,
+            "verdict": str(found.get("verdict") or NOT_MEASURED),
+            "note": str(found.get("note") or "")}
+
+
+def _saved_claims(saved: dict, chapter: str) -> dict:
+    return (saved.get(chapter) or {}).get("claims") or {}
 
 
 def verdict_table(saved: dict | None = None) -> list[dict]:
-    """One row per seed claim: seed, claim, chapter, measured, verdict (from this build's results)."""
+    """One row per registered seed claim, in register order: seed, chapter, key, claim, effect
+    (mean paired difference and its 95 % interval, or the shown value), n, verdict and note
+    (the scale note of a claim not reproduced at this scale). ``saved`` maps chapter stems to
+    their saved results (default: this build's, from ``load_all_results``)."""
     saved = load_all_results() if saved is None else saved
-    used: set = set()
+    return [
+        _row(e["seed"], e["chapter"], e["key"], e["claim"],
+             _saved_claims(saved, e["chapter"]).get(e["key"]))
+        for e in SEED_CLAIMS
+    ]
+
+
+def unregistered_claims(saved: dict | None = None) -> list[dict]:
+    """Claims the chapters saved under keys the register does not list (the chapters' own
+    claims), as rows like :func:`verdict_table`'s with seed "-"."""
+    saved = load_all_results() if saved is None else saved
+    registered = {(e["chapter"], e["key"]) for e in SEED_CLAIMS}
     rows = []
-    for entry in SEED_CLAIMS:
-        found = _lookup(saved, entry["chapter"], entry["key"], entry["seed"], used)
-        rows.append({
-            "seed": entry["seed"], "claim": entry["claim"], "chapter": entry["chapter"],
-            "measured": found.get("measured", "") if found else "",
-            "verdict": found.get("verdict", "untested") if found else "not measured in this build",
-        })
     for chapter, res in sorted(saved.items()):
-        for key, c in (res.get("claims") or {}).items():
-            if (chapter, key) not in used:
-                rows.append({"seed": str(c.get("seed", "?")), "claim": c.get("claim", key), "chapter": chapter,
-                             "measured": c.get("measured", ""), "verdict": c.get("verdict", "untested")})
-    rows.sort(key=lambda r: (r["seed"], r["chapter"]))
+        for key, c in _saved_claims(saved, chapter).items():
+            if (chapter, key) not in registered:
+                rows.append(_row("-", chapter, key, str(c.get("claim") or key), c))
     return rows
 
 
 def verdict_counts(rows: list[dict]) -> dict[str, int]:
+    """How many rows have each verdict, in the order of :data:`VERDICTS` (others after)."""
     out: dict[str, int] = {}
     for r in rows:
         out[r["verdict"]] = out.get(r["verdict"], 0) + 1
-    return out
+    order = {v: i for i, v in enumerate(VERDICTS)}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))

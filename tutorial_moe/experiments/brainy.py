@@ -7,8 +7,8 @@ The experiments of Part I (chapters 02-05) live here so that the notebooks only 
 * :func:`gate_gradient_norms`, :func:`gate_snapshot`, :func:`gate_drift` show that a gate learns;
 * :func:`train_digit_specialists` trains "one expert per digit" (chapter 04);
 * :func:`regime_schedule`, :func:`train_regime`, :func:`accuracy_at_every_k` run seed 000's three
-  top-k regimes (chapter 05); :func:`summarize` and :func:`compare_runs` report mean, spread and
-  whether a difference is beyond that spread; :func:`time_top_k` times sparse vs dense inference.
+  top-k regimes (chapter 05); :func:`summarize` reports mean, spread and range over seeds (the
+  book's evidence protocol, ``tutorial_moe.book.evidence``, judges differences); :func:`time_top_k` times sparse vs dense inference.
 
 Images are (N, 1, S, S) floats in [0, 1], labels (N,) int64 in 0..9.
 """
@@ -58,7 +58,6 @@ __all__ = [
     "train_schedule",
     "accuracy_at_every_k",
     "summarize",
-    "compare_runs",
     "time_top_k",
 ]
 
@@ -535,24 +534,6 @@ def summarize(values) -> dict:
         raise ValueError("summarize: values is empty; give at least one number")
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "min": min(vals), "max": max(vals), "n": len(vals)}
-
-
-def compare_runs(a, b, name_a: str = "a", name_b: str = "b") -> str:
-    """Which of two groups of per-seed numbers is larger, *beyond the spread*, or neither.
-
-    "beyond the spread" means the two ranges [min, max] do not overlap: every seed of one group
-    beats every seed of the other. With 3 seeds a side this happens by chance 1 time in 10 when
-    there is no real difference (2 / C(6, 3)), so it is a modest bar, not a proof.
-    Returns ``"<name_a> > <name_b>"``, ``"<name_a> < <name_b>"`` or ``"no significant difference"``.
-    """
-    sa, sb = summarize(a), summarize(b)
-    if sa["n"] < 2 or sb["n"] < 2:
-        raise ValueError(f"compare_runs: need at least 2 values per group to see a spread, got {sa['n']} and {sb['n']}")
-    if sa["min"] > sb["max"]:
-        return f"{name_a} > {name_b}"
-    if sb["min"] > sa["max"]:
-        return f"{name_a} < {name_b}"
-    return "no significant difference"
 
 
 # ----------------------------------------------------------------------------- inference cost

@@ -28,8 +28,7 @@ from .smoe import RandomRouter, SMoELayer  # smoe imports this module only insid
 from ..train import History, fit
 
 __all__ = ["LMConfig", "DenseFFN", "CausalSelfAttention", "Block", "TinyLM", "lm_loss", "train_lm",
-           "evaluate_lm", "generate", "collect_lm_routing", "parameter_counts", "ffn_modules", "compare_seeds",
-           "paired_difference"]
+           "evaluate_lm", "generate", "collect_lm_routing", "parameter_counts", "ffn_modules"]
 
 _FFN_KINDS = ("dense", "moe", "smoe")
 _ROUTERS = ("learned", "oracle", "random")
@@ -233,7 +232,7 @@ def evaluate_lm(model: TinyLM, split: TextSplit, *, max_windows: int | None = 64
 
     ``max_windows`` windows per domain, so every domain counts equally in ``loss``. Also returns
     ``window_loss`` (windows,) and ``window_domain`` (windows,) tensors, for paired comparisons
-    of two predictors on the same windows (:func:`paired_difference`).
+    of two predictors on the same windows (``tutorial_moe.book.evidence.compare``).
     ``predict(tokens, domains) -> log-probabilities (B, T, V)`` replaces the model's own prediction
     (e.g. an ensemble over masks); default ``log_softmax(model(tokens, domains))``.
     """
@@ -322,43 +321,3 @@ def collect_lm_routing(model: TinyLM, split: TextSplit, *, max_windows: int | No
     labels = {"token": x.flatten(), "domain": d.flatten(), "char_class": char_classes(x.flatten()),
               "position": position, "position_bucket": position * num_position_buckets // T}
     return [{"mask": torch.cat(p["mask"]), "probs": torch.cat(p["probs"]), **labels} for p in parts]
-
-
-def compare_seeds(a, b, *, noise: float | None = None, lower_is_better: bool = True) -> dict:
-    """Is model A better than model B, beyond seed-to-seed noise?
-
-    ``a``, ``b``: one number per training seed (e.g. validation losses). ``noise`` defaults to the
-    largest spread between the seeds of either model (max - min); a difference of the means no
-    larger than that is reported as "no significant difference". With one seed each, pass
-    ``noise`` measured elsewhere. Returns mean_a, mean_b, difference (a - b), noise, verdict
-    ("better", "worse" or "no significant difference", for A relative to B).
-    """
-    a, b = [float(v) for v in a], [float(v) for v in b]
-    if not a or not b:
-        raise ValueError(f"compare_seeds: a and b need at least one value each, got {a!r} and {b!r}")
-    if noise is None:
-        if len(a) < 2 and len(b) < 2:
-            raise ValueError("compare_seeds: one seed per model gives no noise estimate; pass noise=")
-        noise = max(max(v) - min(v) for v in (a, b) if len(v) > 1)
-    else:
-        noise = check_positive_float("noise", noise, where="compare_seeds", allow_zero=True)
-    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
-    diff = mean_a - mean_b
-    if abs(diff) <= noise:
-        verdict = "no significant difference"
-    else:
-        verdict = "better" if (diff < 0) == lower_is_better else "worse"
-    return {"mean_a": mean_a, "mean_b": mean_b, "difference": diff, "noise": noise, "verdict": verdict}
-
-
-def paired_difference(a: torch.Tensor, b: torch.Tensor, z: float = 2.0) -> dict:
-    """Mean of ``a - b`` over paired measurements (e.g. per-window losses of two predictors on the
-    same windows), its standard error, and a verdict: "lower"/"higher" when the mean difference is
-    more than ``z`` standard errors from 0, else "no significant difference"."""
-    a, b = torch.as_tensor(a, dtype=torch.float64).flatten(), torch.as_tensor(b, dtype=torch.float64).flatten()
-    if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"paired_difference: a and b need the same length >= 2, got {a.numel()} and {b.numel()}")
-    diff = a - b
-    mean, se = float(diff.mean()), float(diff.std(unbiased=True) / diff.numel() ** 0.5)
-    verdict = "no significant difference" if abs(mean) <= z * se else ("lower" if mean < 0 else "higher")
-    return {"difference": mean, "standard_error": se, "verdict": verdict}

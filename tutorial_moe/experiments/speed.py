@@ -19,7 +19,7 @@ from .._validate import check_int
 from ..moe import MoELayer
 
 __all__ = ["ActiveDense", "time_interleaved", "moe_cost", "compare_dispatch", "indexing_in_loop",
-           "gather_speed", "dispatch_overhead"]
+           "gather_speed", "dispatch_overhead", "time_topk_inference"]
 
 
 class ActiveDense(nn.Module):
@@ -43,7 +43,11 @@ class ActiveDense(nn.Module):
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2) -> dict[str, dict]:
-    """Median / min / max milliseconds of each zero-argument callable, run in interleaved rounds."""
+    """Median / min / max milliseconds of each zero-argument callable, run in interleaved rounds.
+
+    Each result also keeps ``ms``, the list of per-round times: round i of every variant ran
+    back to back, so two variants' lists are paired by round (what a paired comparison needs).
+    """
     check_int("repeats", repeats, low=1, where="time_interleaved")
     check_int("warmup", warmup, low=0, where="time_interleaved")
     for _ in range(warmup):
@@ -55,7 +59,8 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 7, war
             t = time.perf_counter()
             f()
             times[n].append((time.perf_counter() - t) * 1e3)
-    return {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for n, v in times.items()}
+    return {n: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v), "ms": v}
+            for n, v in times.items()}
 
 
 def _fwd_bwd(module, x, gy):
@@ -171,6 +176,37 @@ def dispatch_overhead(d_model: int, d_hidden: int, num_experts: int, k: int, tok
     out = {n: r["median_ms"] for n, r in res.items()}
     out["share_of_active_dense"] = out["dispatch only"] / out["active-dense"]
     return out
+
+
+def time_topk_inference(k: int = 3, num_experts: int = 6, hidden: int = 256, batch: int = 256,
+                        repeats: int = 10, seed: int = 0) -> dict:
+    """Seed 000's inference setting, timed live: ``num_experts`` whole-image experts
+    (784 -> ``hidden`` -> 10), the gate's top ``k`` per image (default dispatch) against running
+    all experts (dense), batch ``batch``, no autograd. Interleaved rounds; returns
+    ``time_interleaved``'s dict with keys ``"top-k"`` and ``"all"`` (per-round ``ms`` paired by
+    round) and ``"macs_ratio"``, the share of expert multiply-adds top-k does (k / E).
+    """
+    from ..experts import MLPExpert
+    from ..moe import MoE
+    from ..routing import TopKRouter
+
+    check_int("k", k, low=1, where="time_topk_inference")
+    check_int("num_experts", num_experts, low=k, where="time_topk_inference")
+    torch.manual_seed(seed)
+    router = TopKRouter(784, num_experts, k)
+    model = MoE([MLPExpert(784, hidden, 10) for _ in range(num_experts)], router, dispatch="auto").eval()
+    x = torch.rand(batch, 784)
+
+    def run(top, mode):
+        def call():
+            router.k, model.dispatch = top, mode
+            with torch.no_grad():
+                model(x)
+        return call
+
+    res = time_interleaved({"top-k": run(k, "auto"), "all": run(num_experts, "dense")}, repeats=repeats)
+    res["macs_ratio"] = k / num_experts
+    return res
 
 
 #: The goals of issue 10, against the active-dense limit (forward + backward, T=8192, 2 threads, fp32).

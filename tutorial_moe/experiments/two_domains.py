@@ -36,7 +36,7 @@ from ..train import collect_routing, fit
 __all__ = [
     "GATES", "DOMAINS", "ROUTERS", "OUTCOMES", "LOSS_SETTINGS", "ExperimentConfig", "RunResult",
     "load_data", "build_model", "gate_values", "measure_routing", "domain_gap", "usage_imbalance", "classify_outcome",
-    "frequency_verdict", "paired_difference", "direction", "claim_verdict", "run", "seed_loss_trainer",
+    "run", "seed_loss_trainer",
     "run_many", "seed_gate_losses", "outcome_counts", "activation_table_rows", "format_activation_table",
     "class_rate_rows", "summary_rows", "plot_curves", "plot_activation", "mean_std",
 ]
@@ -238,64 +238,6 @@ def usage_imbalance(usage) -> float:
     if u.dim() != 1 or u.numel() < 1:
         raise ValueError(f"usage_imbalance: usage must have shape (E,), got {tuple(u.shape)}")
     return float((u - 1 / u.numel()).abs().max())
-
-
-def frequency_verdict(count: int, total: int) -> str:
-    """A seed claim that a run "does X", judged over ``total`` seeds: "holds" if all ``count`` did,
-    "fails" if none did, "mixed" otherwise."""
-    check_int("total", total, low=1, where="frequency_verdict")
-    check_int("count", count, low=0, high=total, where="frequency_verdict")
-    return "holds" if count == total else "fails" if count == 0 else "mixed"
-
-
-def paired_difference(a, b) -> dict:
-    """Compare two measurements over the same seeds (run i of ``a`` and of ``b`` share seed i).
-
-    ``beyond_spread`` is True when every seed's difference a_i - b_i has the same sign *and* the
-    mean difference exceeds the standard deviation of the differences - a deliberately simple
-    rule for 3-5 seeds; otherwise the chapters call the result "no significant difference".
-    """
-    a = torch.as_tensor(list(a), dtype=torch.float64)
-    b = torch.as_tensor(list(b), dtype=torch.float64)
-    if a.shape != b.shape or a.numel() < 2:
-        raise ValueError(f"paired_difference: a and b need the same length >= 2, got {a.numel()} and {b.numel()}")
-    d = a - b
-    mean, std = float(d.mean()), float(d.std())
-    same_sign = bool((d > 0).all() or (d < 0).all())
-    return {"mean_a": float(a.mean()), "std_a": float(a.std()), "mean_b": float(b.mean()), "std_b": float(b.std()),
-            "mean_diff": mean, "std_diff": std, "diffs": d.tolist(),
-            "beyond_spread": same_sign and abs(mean) > std}
-
-
-def direction(comparison: dict, above: str = "a better", below: str = "b better") -> str:
-    """Word a :func:`paired_difference`: ``above`` / ``below`` when beyond the spread, else
-    "no significant difference"."""
-    if not comparison["beyond_spread"]:
-        return "no significant difference"
-    return above if comparison["mean_diff"] > 0 else below
-
-
-def claim_verdict(directions, expected: str, opposite: str) -> str:
-    """Verdict on a claim tested by several comparisons (e.g. "both MoE models are worse").
-
-    "holds" if every comparison went the ``expected`` way; "mixed" if some did; "no significant
-    difference" if none was beyond the spread; "fails" if none went the expected way and at
-    least one went the ``opposite`` way.
-    """
-    directions = list(directions)
-    if not directions:
-        raise ValueError("claim_verdict: directions is empty")
-    unknown = set(directions) - {expected, opposite, "no significant difference"}
-    if unknown:
-        raise ValueError(f"claim_verdict: directions {sorted(unknown)} are neither {expected!r}, {opposite!r} "
-                         "nor 'no significant difference'")
-    if all(d == expected for d in directions):
-        return "holds"
-    if expected in directions:
-        return "mixed"
-    if all(d == "no significant difference" for d in directions):
-        return "no significant difference"
-    return "fails"
 
 
 def classify_outcome(rates, collapse: float = 0.99, split: float = 0.8, partial: float = 0.2) -> str:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from ..style import tidy_layout
+
 __all__ = ["LOSS_KINDS", "GateLossGrid", "GateLossExplorer", "grid_key", "nearest_value", "plot_setting",
            "grid_animation"]
 
@@ -152,7 +154,7 @@ def plot_setting(result, key, fig=None):
     plot_activation(result.rates["test"], ax=axes[1], title="activation rate (test)")
     plot_curves({"model": result}, ax=axes[2], title=f"accuracy, final test {result.test_acc:.3f}")
     fig.suptitle(_title(key), fontsize=10)
-    fig.tight_layout()
+    tidy_layout(fig)
     return fig
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ...experiments.brainy import accuracy_at_every_k, train_schedule
 from ...moe import MoE
+from ..style import tidy_layout
 
 __all__ = ["TopKExplorer", "RetrainPanel", "parse_schedule", "table_from_runs", "topk_animation"]
 
@@ -137,7 +138,7 @@ class TopKExplorer:
         ax_util.set(xlabel="expert", ylabel="share of routed pairs", xticks=range(E), ylim=(0, 1),
                     title=f"utilisation at k = {st['k']} (mean over seeds)")
         ax_util.legend(fontsize=8)
-        fig.tight_layout()
+        tidy_layout(fig)
         self.figure = fig
         self.out.clear_output(wait=True)
         with self.out:
@@ -240,7 +241,7 @@ class RetrainPanel:
         ax_util.set(xlabel="training step", ylabel="share of routed pairs", ylim=(0, 1),
                     title="utilisation during training")
         ax_util.legend(fontsize=6, loc="upper right", ncol=2)
-        fig.tight_layout()
+        tidy_layout(fig)
         self.figure = fig
         self.out.clear_output(wait=True)
         with self.out:
@@ -298,7 +299,7 @@ def topk_animation(table: dict, interval: int = 900, dpi: int = 60) -> str:
     ax_util.tick_params(axis="y", labelsize=7)
     fig.colorbar(image, ax=ax_util, label="share of routed pairs")
     title = ax_util.set_title("")
-    fig.tight_layout()
+    tidy_layout(fig)
 
     def frame(i):
         k = ks[i]
