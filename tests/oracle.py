@@ -13,6 +13,7 @@ All functions return a list of per-token pairs ``[(expert, weight_tensor), ...]`
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +83,14 @@ def topk_routes(router, x, bias=None):
         key = [_f(s) + (0.0 if bias is None else _f(bias[e])) for e, s in enumerate(row)]
         order = sorted(range(E), key=lambda e: -key[e])[:k]
         ws = [probs[e] for e in order]
-        if router.normalize:
+        if (k > 1) if router.normalize is None else router.normalize:  # None: decided by the current k
             total = sum(ws)
             ws = [w / total for w in ws]
         chosen.append(list(zip(order, ws)))
     if router.capacity_factor is None:
         return chosen
-    cap = max(1, math.ceil(router.capacity_factor * T * k / E))
+    # Exact rational arithmetic with the factor read as the decimal it prints as (1.1 = 11/10).
+    cap = max(1, math.ceil(Fraction(str(router.capacity_factor)) * T * k / E))
     used = [0] * E
     kept = [[] for _ in range(T)]
     for rank in range(k):
@@ -146,7 +148,7 @@ def hierarchical_routes(router, x):
             p_in = _softmax_row(expert_scores[t][g * J : (g + 1) * J])
             for j in sorted(range(J), key=lambda j: -_f(p_in[j]))[: router.k]:
                 pairs.append((g * J + j, p_group[g] * p_in[j]))
-        if router.normalize:
+        if (len(pairs) > 1) if router.normalize is None else router.normalize:
             total = sum(w for _, w in pairs)
             pairs = [(e, w / total) for e, w in pairs]
         routes.append(pairs)
@@ -189,13 +191,17 @@ def soft_moe(layer, x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- whole-network experts (MoE)
 def whole_network_moe(experts, routes, x, combine_mode="logits"):
-    """out[n] = sum_e w * expert_e(x[n:n+1]) (or log of the mixture of softmaxes)."""
+    """out[n] = sum_e w * expert_e(x[n:n+1]) (or log of the mixture of softmaxes, renormalised
+    over the sample's kept experts: sum_e w softmax(y_e) / sum_e w)."""
     rows = []
     for n in range(x.shape[0]):
         acc = 0
+        total = 0
         for e, w in routes[n]:
             y = experts[e](x[n : n + 1])[0]
             acc = acc + w * (y.softmax(-1) if combine_mode == "probs" else y)
+            total = total + w
+        if combine_mode == "probs":
+            acc = (acc / total).clamp_min(1e-12).log()
         rows.append(acc)
-    out = torch.stack(rows)
-    return out.clamp_min(1e-12).log() if combine_mode == "probs" else out
+    return torch.stack(rows)

@@ -108,7 +108,7 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("router_name", ROUTERS)
 def test_layer_matches_bruteforce_oracle(router_name, mode, expert, largest):
     router, routes_fn = _router(router_name)
-    layer = MoELayer(D, H, E, k=1, expert=expert, dispatch=mode, router=router, losses={})
+    layer = MoELayer(D, H, E, k=getattr(router, "k", 1), expert=expert, dispatch=mode, router=router, losses={})
     layer.train(router.training)
     x = torch.randn(T, D, requires_grad=True)
     ids = torch.arange(T) % 7
@@ -137,7 +137,7 @@ def test_layer_matches_bruteforce_oracle(router_name, mode, expert, largest):
 def test_router_gradients_in_the_oracle_setups_are_nonzero(router_name):
     """The oracle comparison above would pass vacuously if nothing reached the router; it does."""
     router, routes_fn = _router(router_name)
-    layer = MoELayer(D, H, E, k=1, dispatch="sorted", router=router, losses={})
+    layer = MoELayer(D, H, E, k=getattr(router, "k", 1), dispatch="sorted", router=router, losses={})
     x = torch.randn(T, D)
     layer(x).pow(2).sum().backward()
     assert layer.router.gate.weight.grad.abs().max() > 1e-4

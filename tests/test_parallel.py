@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tutorial_moe import MoELayer
+from tutorial_moe import MoELayer, TopKRouter
 from tutorial_moe.parallel import (
     CommCounter,
     ExpertParallelMoELayer,
@@ -141,6 +141,41 @@ def _worker(scenario_names, collective="c10d"):
         layer = MoELayer(8, 16, 2 * world, 2, dispatch="dense", losses={})
         out["report"] = equivalence_report(layer, torch.randn(world * 4, 8), [4] * world)
 
+        # Auxiliary-loss-free bias: ranks see different tokens, but each update sums the load over
+        # the group, so the replicated biases stay identical. "local" replays the old per-rank
+        # rule (each rank from its own counts) to show that the case would catch a drift.
+        torch.manual_seed(21)
+        layer = MoELayer(8, 16, 2 * world, 1, router=TopKRouter(8, 2 * world, 1, bias_update_rate=0.05),
+                         dispatch="dense", losses={})
+        ep = ExpertParallelMoELayer.from_moe_layer(layer)
+        local_bias = torch.zeros(2 * world)
+        g = torch.Generator().manual_seed(100 + rank)
+        for _ in range(5):
+            xr = torch.randn(5 + 3 * rank, 8, generator=g) + 0.5 * rank
+            ep(xr).sum().backward()
+            local = ep.router.expert_load.clone()
+            local_bias += 0.05 * torch.sign(local.mean() - local)
+            ep.router.update_expert_bias()
+        gathered = [torch.empty_like(ep.router.expert_bias) for _ in range(world)]
+        dist.all_gather(gathered, ep.router.expert_bias)
+        gathered_local = [torch.empty_like(local_bias) for _ in range(world)]
+        dist.all_gather(gathered_local, local_bias)
+        out["bias"] = {"spread": max(float((b - gathered[0]).abs().max()) for b in gathered),
+                       "local_spread": max(float((b - gathered_local[0]).abs().max()) for b in gathered_local),
+                       "moved": float(ep.router.expert_bias.abs().max()),
+                       "dtype": str(ep.router.expert_bias.dtype)}
+
+        # A rank with no tokens: zero-row output, finite zero losses that still carry a graph.
+        torch.manual_seed(12)
+        layer = MoELayer(8, 16, 2 * world, 2, dispatch="dense", losses={"switch": 0.01, "z": 0.001})
+        ep = ExpertParallelMoELayer.from_moe_layer(layer)
+        xr = torch.randn(0 if rank == 0 else 4, 8, requires_grad=True)
+        yr = ep(xr)
+        aux = ep.aux_loss
+        out["empty"] = {"shape": list(yr.shape), "aux": float(aux.detach()), "graph": aux.requires_grad,
+                        "losses": {k: float(v.detach()) for k, v in ep.aux_losses.items()}}
+        (yr.sum() + aux).backward()  # every rank runs backward, the empty one too
+
         # Bad input: E not divisible by W, a noisy router.
         errors = []
         for bad in (dict(num_experts=2 * world + 1), dict(num_experts=2 * world, noisy=True)):
@@ -234,6 +269,40 @@ def test_launch_is_fast_and_leaves_no_process(ranks):
 
 def _functional_worker():
     return _worker(["top2_uneven"], collective="functional")
+
+
+def test_bias_stays_identical_across_ranks(ranks):
+    world, results, _ = ranks
+    for res in results:
+        assert res["bias"]["spread"] == 0.0
+        assert res["bias"]["moved"] > 0 and res["bias"]["dtype"] == "torch.float32"
+    assert results[0]["bias"]["local_spread"] > 0  # per-rank updates would have drifted apart
+
+
+def test_a_rank_with_no_tokens_gets_finite_zero_losses(ranks):
+    _, results, _ = ranks
+    empty = results[0]["empty"]
+    assert empty["shape"] == [0, 8]
+    assert empty["aux"] == 0.0 and empty["graph"]
+    assert set(empty["losses"]) == {"switch", "z"} and all(v == 0.0 for v in empty["losses"].values())
+    assert all(r["empty"]["aux"] > 0 for r in results[1:])
+
+
+def _all_to_all_gradcheck():
+    init_distributed("gloo", timeout_s=COLLECTIVE_TIMEOUT_S)
+    try:
+        from tutorial_moe.parallel import AllToAll
+
+        x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        return bool(torch.autograd.gradcheck(lambda x: AllToAll.apply(x, [5], [5], None), (x,)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradcheck_all_to_all_on_one_rank():
+    """float64 gradcheck of the custom all-to-all node (one rank: each rank's Jacobian would
+    otherwise include what the other ranks do with its rows)."""
+    assert run_ranks(_all_to_all_gradcheck, 1, timeout_s=LAUNCH_TIMEOUT_S) == [True]
 
 
 def test_functional_collective_gives_the_same_result():

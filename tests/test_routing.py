@@ -142,12 +142,17 @@ def test_bias_moves_toward_underloaded_experts_by_the_sign_rule():
     first = r(x)
     load = first.mask.sum(0).float()
     assert torch.equal(load, torch.tensor([16.0, 0, 0, 0]))  # before any update the bias is 0
+    assert torch.equal(r.expert_bias, torch.zeros(E))  # forward only counts
+    assert torch.equal(r.expert_load, load)
+    r.update_expert_bias()
     expected = u * torch.sign(load.mean() - load)
-    assert torch.allclose(r.expert_bias, expected)
+    assert torch.allclose(r.expert_bias, expected - expected.mean())  # centred
     assert r.expert_bias[0] < 0 and (r.expert_bias[1:] > 0).all()
-    # keep training-mode forwards going: the overloaded expert sheds tokens
+    assert torch.equal(r.expert_load, torch.zeros(E))  # the count restarts
+    # keep training steps going: the overloaded expert sheds tokens
     for _ in range(60):
         routing = r(x)
+        r.update_expert_bias()
     assert routing.mask[:, 0].sum() < 16
     assert routing.mask.sum(0).max() < 16
 
@@ -157,8 +162,10 @@ def test_bias_changes_selection_not_weights():
     r.train()
     for _ in range(10):
         r(x)
-    bias_used = r.expert_bias.clone()  # the bias this forward selects with (it is updated after)
+        r.update_expert_bias()
+    bias_used = r.expert_bias.clone()
     routing = r(x)
+    assert torch.equal(r.expert_bias, bias_used)  # forward leaves the bias alone
     assert bias_used.abs().sum() > 0
     selected = (r.gate(x) + bias_used).topk(2).indices
     assert torch.equal(routing.indices.sort(-1).values, selected.sort(-1).values)

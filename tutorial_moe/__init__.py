@@ -3,6 +3,7 @@
 The package behind the book: routers, experts, dispatch, losses, metrics and a training loop,
 each in its own small module and each tested against a slow, obvious oracle.
 """
+from ._validate import set_finite_checks
 from .data import DataSplit, load_digits, load_two_domains
 from .experts import ConvExpert, ConvGate, DenseGate, ExpertBank, MLPExpert, SwiGLUExpert
 from .moe import MoE, MoELayer, SoftMoELayer, moe_modules, total_aux_loss
@@ -26,5 +27,5 @@ __all__ = [
     "MoE", "MoELayer", "SoftMoELayer", "moe_modules", "total_aux_loss",
     "ExpertChoiceRouter", "HashRouter", "HierarchicalRouter", "OracleRouter", "Routing", "SoftmaxRouter",
     "ThresholdRouter", "TopKRouter",
-    "device", "full_mode", "progress", "seed_everything",
+    "device", "full_mode", "progress", "seed_everything", "set_finite_checks",
 ]

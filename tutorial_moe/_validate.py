@@ -54,7 +54,30 @@ def check_tokens(x, d_model: int | None, *, where: str, name: str = "x") -> torc
     return x
 
 
+FINITE_CHECK_MODES = ("cpu", "always", "off")
+_finite_checks = "cpu"
+
+
+def set_finite_checks(mode: str) -> str:
+    """When routers and layers check their input for NaN/inf; returns the previous mode.
+
+    "cpu" (default): only tensors on the CPU, where the check is one cheap reduction; on an
+    accelerator it would force a device sync on every router call (and break ``torch.compile``
+    graphs), so there it is skipped. "always": every device (for debugging a NaN on a GPU).
+    "off": never.
+    """
+    global _finite_checks
+    if mode not in FINITE_CHECK_MODES:
+        raise ValueError(f"set_finite_checks: mode={mode!r} is unknown; choose one of {list(FINITE_CHECK_MODES)}")
+    previous, _finite_checks = _finite_checks, mode
+    return previous
+
+
 def check_finite(x: torch.Tensor, *, where: str, name: str = "x") -> None:
+    if _finite_checks == "off" or (_finite_checks == "cpu" and x.device.type != "cpu"):
+        return
+    if torch.compiler.is_compiling():  # a data-dependent branch would split the graph
+        return
     # NaN and inf survive a sum, so a finite sum proves every entry finite: one cheap reduction
     # (isfinite(x).all() costs 4 passes, ~2 % of an MoE layer). A non-finite sum may be overflow
     # of finite values, so only then is every entry checked.

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ._validate import check_int
 from .experts import ExpertBank
-from .routing import Routing
+from .routing import cat_routings
 
 __all__ = ["ResidualBlock", "TokenGroups", "TokenRegressor", "active_parameters", "dense_hidden_matching"]
 
@@ -55,7 +55,10 @@ class TokenGroups(nn.Module):
     group may be shorter when T is not a multiple of ``group_size``. After a forward, the wrapped
     layer's ``last_routing`` and ``aux_loss`` hold their merge over all groups, so ``moe_modules``,
     ``fit`` and ``collect_routing`` see one layer that routed every token (this wrapper has no
-    such attributes of its own, so nothing is counted twice).
+    such attributes of its own, so nothing is counted twice). The merged auxiliary losses are
+    the groups' losses weighted by their share of the tokens (a full group of n tokens counts n/T),
+    so they do not depend on how T splits into groups (a short last group adds its share, not a
+    whole extra loss).
     """
 
     def __init__(self, layer: nn.Module, group_size: int):
@@ -73,15 +76,18 @@ class TokenGroups(nn.Module):
         full = (T // n) * n
         outs, routings, aux, parts = [], [], [], {}
         for chunk in ([x[:full].reshape(T // n, n, -1)] if full else []) + ([x[full:]] if full < T else []):
+            share = (chunk.shape[0] * chunk.shape[1] if chunk.dim() == 3 else chunk.shape[0]) / T
             outs.append(self.layer(chunk).reshape(-1, x.shape[1]))
             routings.append(self.layer.last_routing)
-            aux.append(self.layer.aux_loss)
+            a = self.layer.aux_loss
+            aux.append(share * (a if isinstance(a, torch.Tensor) else torch.tensor(float(a))))
             for name, v in self.layer.aux_losses.items():
-                parts[name] = parts.get(name, 0) + v
+                parts[name] = parts.get(name, 0) + share * v
+        if not outs:  # no tokens: let the layer see the empty batch once (zero losses, a routing of 0 rows)
+            return self.layer(x)
         self.layer.aux_losses = parts
-        cat = lambda name: torch.cat([getattr(r, name) for r in routings])  # noqa: E731
-        self.layer.last_routing = Routing(cat("logits"), cat("probs"), cat("weights"), cat("mask"), cat("dropped"))
-        self.layer.aux_loss = torch.stack([a if isinstance(a, torch.Tensor) else torch.tensor(float(a)) for a in aux]).sum()
+        self.layer.last_routing = cat_routings(routings)
+        self.layer.aux_loss = torch.stack(aux).sum()
         return torch.cat(outs)
 
     def expert_evaluations_per_token(self) -> float:

@@ -12,6 +12,11 @@ with ``dense`` within float rounding, in outputs and gradients (tests/test_dispa
   E small ones, where this torch build supports it.
 * ``auto``   - ``grouped`` where torch._grouped_mm runs for this device, dtype and widths, else
   ``sorted`` (see :func:`choose_dispatch`).
+
+Under ``torch.autocast`` every mode computes the experts in the autocast dtype (bf16 on CPU,
+bf16/fp16 on CUDA) and returns that dtype, as ``dense`` does through autocast's own casts; the
+fused modes cast the tokens and weights themselves (autocast does not reach into a custom
+autograd node), so all modes agree within the autocast dtype's rounding.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from .experts import ACTIVATIONS, ExpertBank
 from .routing import Routing
 
 __all__ = ["DISPATCH_MODES", "dispatch", "dispatch_dense", "dispatch_loop", "dispatch_sorted", "dispatch_grouped",
-           "expert_slices", "combine_pairs",
+           "expert_slices", "combine_pairs", "sorted_pairs", "run_sorted_experts", "autocast_dtype",
            "grouped_mm_available", "choose_dispatch"]
 
 DISPATCH_MODES = ("dense", "loop", "sorted", "grouped", "auto")
@@ -34,9 +39,24 @@ def dispatch_dense(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch
     return torch.einsum("te,etd->td", routing.weights.to(y_all.dtype), y_all)
 
 
-def dispatch_loop(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+def _bank_weights(bank: ExpertBank, dtype: torch.dtype | None = None) -> dict:
+    """The bank's stacked weights by name, cast (differentiably) to ``dtype`` when given."""
+    names = ("w1", "b1", "w2", "b2") if bank.kind == "mlp" else ("w_gate", "w_up", "w_down")
+    out = {}
+    for n in names:
+        w = getattr(bank, n)
+        out[n] = w if dtype is None or w.dtype == dtype else w.to(dtype)
+    return out
+
+
+def _expert_params(bank: ExpertBank, weights: dict) -> list[tuple[torch.Tensor, ...]]:
+    return list(zip(*(w.unbind(0) for w in weights.values())))
+
+
+def dispatch_loop(bank: ExpertBank, x: torch.Tensor, routing: Routing, weights: dict | None = None) -> torch.Tensor:
+    weights = _bank_weights(bank) if weights is None else weights
     out = torch.zeros_like(x)
-    for e, params in enumerate(bank.expert_params()):
+    for e, params in enumerate(_expert_params(bank, weights)):
         idx = routing.mask[:, e].nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
@@ -45,7 +65,7 @@ def dispatch_loop(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch.
     return out
 
 
-def _sorted_pairs(routing: Routing):
+def sorted_pairs(routing: Routing):
     """Routed (token, expert) pairs sorted by expert (tokens in order within an expert).
 
     Returns token ids (N,), expert ids (N,), combine weights (N,) and tokens per expert (E,).
@@ -186,34 +206,44 @@ class _SortedSwiGLU(torch.autograd.Function):
         return gx, None, gwg, gwu, gwd
 
 
-def dispatch_sorted(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    t_idx, _, w, counts = _sorted_pairs(routing)
-    xs = x.index_select(0, t_idx)  # index_select is several times faster than x[t_idx]
+def _sorted_experts(bank: ExpertBank, xs: torch.Tensor, counts: tuple, weights: dict) -> torch.Tensor:
     if bank.kind == "mlp" and bank.activation == "gelu":
-        y = _SortedMLP.apply(xs, tuple(counts.tolist()), bank.w1, bank.b1, bank.w2, bank.b2)
-    elif bank.kind == "swiglu":
-        y = _SortedSwiGLU.apply(xs, tuple(counts.tolist()), bank.w_gate, bank.w_up, bank.w_down)
-    else:
-        pieces = [bank.apply_expert(p, chunk) for p, chunk in zip(bank.expert_params(), xs.split(counts.tolist()))
-                  if chunk.shape[0]]
-        y = torch.cat(pieces) if pieces else xs
+        return _SortedMLP.apply(xs, counts, weights["w1"], weights["b1"], weights["w2"], weights["b2"])
+    if bank.kind == "swiglu":
+        return _SortedSwiGLU.apply(xs, counts, weights["w_gate"], weights["w_up"], weights["w_down"])
+    pieces = [bank.apply_expert(p, chunk) for p, chunk in zip(_expert_params(bank, weights), xs.split(list(counts)))
+              if chunk.shape[0]]
+    return torch.cat(pieces) if pieces else xs
+
+
+def dispatch_sorted(bank: ExpertBank, x: torch.Tensor, routing: Routing, weights: dict | None = None) -> torch.Tensor:
+    weights = _bank_weights(bank) if weights is None else weights
+    t_idx, _, w, counts = sorted_pairs(routing)
+    xs = x.index_select(0, t_idx)  # index_select is several times faster than x[t_idx]
+    y = _sorted_experts(bank, xs, tuple(counts.tolist()), weights)
     return combine_pairs(y, w.to(y.dtype), t_idx, x.shape[0])
 
 
 @functools.lru_cache(maxsize=None)
 def grouped_mm_available(device_type: str = "cpu", dtype: torch.dtype = torch.float32) -> bool:
-    """Whether ``torch._grouped_mm`` runs (forward and backward) here for this device and dtype."""
+    """Whether ``torch._grouped_mm`` runs (forward and backward) here for this device and dtype.
+
+    The probe runs with autograd on and autocast off, whatever the caller's context (a first call
+    under ``no_grad`` or ``autocast`` must not cache a wrong answer for the whole process)."""
     fn = getattr(torch, "_grouped_mm", None)
     if fn is None:
         return False
     try:
-        a = torch.randn(8, 4, device=device_type, dtype=dtype, requires_grad=True)
-        b = torch.randn(2, 4, 4, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
-        out = fn(a, b, offs=offs)
-        out.backward(torch.ones_like(out))
-        ref = torch.cat([a[:3] @ b[0], a[3:] @ b[1]])
-        return bool(torch.allclose(out, ref, atol=1e-3, rtol=1e-3))
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False):
+            # 16 columns: 16-byte row strides in every dtype down to 1 byte per element.
+            a = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+            b = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
+            out = fn(a, b, offs=offs)
+            out.backward(torch.ones_like(out))
+            ref = torch.cat([a[:3] @ b[0], a[3:] @ b[1]])
+            tol = 1e-3 if dtype in (torch.float32, torch.float64) else 1e-1
+            return bool(torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol)) and a.grad is not None
     except Exception:  # noqa: BLE001 - any failure means "not usable here"
         return False
 
@@ -265,19 +295,40 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, bias: torch.Tenso
     return _AddExpertBias.apply(out, bias, counts, e_idx)
 
 
-def dispatch_grouped(bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    t_idx, e_idx, w, counts = _sorted_pairs(routing)
-    xs = x.index_select(0, t_idx)
+def _grouped_experts(bank: ExpertBank, xs: torch.Tensor, counts: torch.Tensor, e_idx: torch.Tensor,
+                     weights: dict) -> torch.Tensor:
     offs = counts.cumsum(0).to(torch.int32)
     if bank.kind == "mlp":
         cts = tuple(counts.tolist())
-        h = ACTIVATIONS[bank.activation](_gmm(xs, bank.w1, offs, bank.b1, cts, e_idx))
-        y = _gmm(h, bank.w2, offs, bank.b2, cts, e_idx)
-    else:
-        g = _gmm(xs, bank.w_gate, offs)
-        u = _gmm(xs, bank.w_up, offs)
-        y = _gmm(torch.nn.functional.silu(g) * u, bank.w_down, offs)
+        h = ACTIVATIONS[bank.activation](_gmm(xs, weights["w1"], offs, weights["b1"], cts, e_idx))
+        return _gmm(h, weights["w2"], offs, weights["b2"], cts, e_idx)
+    g = _gmm(xs, weights["w_gate"], offs)
+    u = _gmm(xs, weights["w_up"], offs)
+    return _gmm(torch.nn.functional.silu(g) * u, weights["w_down"], offs)
+
+
+def dispatch_grouped(bank: ExpertBank, x: torch.Tensor, routing: Routing, weights: dict | None = None) -> torch.Tensor:
+    weights = _bank_weights(bank) if weights is None else weights
+    t_idx, e_idx, w, counts = sorted_pairs(routing)
+    xs = x.index_select(0, t_idx)
+    y = _grouped_experts(bank, xs, counts, e_idx, weights)
     return combine_pairs(y, w.to(y.dtype), t_idx, x.shape[0])
+
+
+def run_sorted_experts(bank: ExpertBank, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Every expert of ``bank`` on its block of expert-sorted rows ``xs`` (``counts[e]`` rows for
+    expert e, in expert order) through the fused kernels: one grouped matmul per weight where
+    :func:`choose_dispatch` would pick it, else the one-node sorted loop. Used by the
+    expert-parallel layer for the rows that arrived at its local experts; follows autocast."""
+    dtype = autocast_dtype(xs)
+    with _autocast_off(xs, dtype):
+        xs_c = xs if dtype is None else xs.to(dtype)
+        weights = _bank_weights(bank, dtype)
+        compute = xs_c.dtype
+        if grouped_mm_available(xs.device.type, compute) and grouped_shapes_ok(bank, compute) and xs.shape[0] > 0:
+            e_idx = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), counts)
+            return _grouped_experts(bank, xs_c, counts, e_idx, weights)
+        return _sorted_experts(bank, xs_c, tuple(counts.tolist()), weights)
 
 
 _FUNCS = {"dense": dispatch_dense, "loop": dispatch_loop, "sorted": dispatch_sorted, "grouped": dispatch_grouped}
@@ -290,7 +341,7 @@ def grouped_shapes_ok(bank: ExpertBank, dtype: torch.dtype) -> bool:
     return bank.d_model % per_16_bytes == 0 and bank.d_hidden % per_16_bytes == 0
 
 
-def choose_dispatch(bank: ExpertBank, x: torch.Tensor) -> str:
+def choose_dispatch(bank: ExpertBank, x: torch.Tensor, dtype: torch.dtype | None = None) -> str:
     """The mode ``auto`` uses for this bank, device and dtype: ``grouped`` wherever this torch build
     runs ``torch._grouped_mm`` for the device and dtype and the widths suit it, else ``sorted``.
 
@@ -299,22 +350,45 @@ def choose_dispatch(bank: ExpertBank, x: torch.Tensor) -> str:
     256x1024) to 2.3x (32 experts of 32x32), because its per-expert loop runs in C++ rather
     than Python. On CUDA one grouped kernel per weight replaces E small launches.
     """
-    if grouped_mm_available(x.device.type, x.dtype) and grouped_shapes_ok(bank, x.dtype):
+    dtype = x.dtype if dtype is None else dtype
+    if grouped_mm_available(x.device.type, dtype) and grouped_shapes_ok(bank, dtype):
         return "grouped"
     return "sorted"
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would compute matmuls of ``x`` in, or None when autocast is off for
+    ``x``'s device (or ``x`` is not a float tensor autocast would cast)."""
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev) or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _autocast_off(x: torch.Tensor, dtype):
+    import contextlib
+    return torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext()
+
+
 def dispatch(mode: str, bank: ExpertBank, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    dtype = autocast_dtype(x)
+    compute = x.dtype if dtype is None else dtype
     if mode == "auto":
-        mode = choose_dispatch(bank, x)
-    if mode == "grouped" and not grouped_mm_available(x.device.type, x.dtype):
+        mode = choose_dispatch(bank, x, compute)
+    if mode == "grouped" and not grouped_mm_available(x.device.type, compute):
         raise ValueError(
-            f"dispatch: mode='grouped' needs torch._grouped_mm for {x.device.type}/{x.dtype}, which this torch "
+            f"dispatch: mode='grouped' needs torch._grouped_mm for {x.device.type}/{compute}, which this torch "
             f"({torch.__version__}) lacks; use 'sorted' or 'auto'"
         )
-    if mode == "grouped" and not grouped_shapes_ok(bank, x.dtype):
+    if mode == "grouped" and not grouped_shapes_ok(bank, compute):
         raise ValueError(
-            f"dispatch: mode='grouped' needs d_model and d_hidden to be multiples of 16 bytes for {x.dtype}; "
+            f"dispatch: mode='grouped' needs d_model and d_hidden to be multiples of 16 bytes for {compute}; "
             f"got d_model={bank.d_model}, d_hidden={bank.d_hidden}; use 'sorted' or 'auto'"
         )
-    return _FUNCS[mode](bank, x, routing)
+    if mode == "dense" or dtype is None:
+        return _FUNCS[mode](bank, x, routing)
+    # Autocast does not reach inside the fused autograd nodes (and index_add_ refuses mixed
+    # dtypes): cast tokens and weights to the autocast dtype here, differentiably, and run the
+    # mode with autocast off, so every mode computes in the dtype dense gets from autocast.
+    with torch.autocast(x.device.type, enabled=False):
+        return _FUNCS[mode](bank, x.to(dtype), routing, _bank_weights(bank, dtype))

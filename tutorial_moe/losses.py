@@ -16,6 +16,10 @@ batch_variance_loss    Var_e(mean_t gates[t, e])      (minimise -> balance)  see
 sample_variance_loss   -mean_t Var_e(gates[t, e])     (minimise -> sharpen)  seed 004 (variance version)
 diversity_loss         mean pairwise cosine similarity of expert outputs   seed 002
 =====================  ===================================================  ==============================
+
+Every balance signal reads the router's choices *before* capacity (``routing.chosen_mask`` and
+``routing.gates``): once every expert is full the kept load is uniform and would say nothing.
+Means over tokens are sums divided by max(T, 1), so an empty batch gives 0 (with a graph), not NaN.
 """
 from __future__ import annotations
 
@@ -39,12 +43,19 @@ __all__ = [
     "threshold_loss",
     "LOSSES",
     "compute_aux_losses",
+    "check_loss_weights",
+    "check_losses_for_router",
 ]
+
+
+def _token_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the first (token) dimension; 0 for no tokens (``x.mean(0)`` would be NaN)."""
+    return x.sum(0) / max(x.shape[0], 1)
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation x.var(unbiased=False) / x.mean()^2 (0 for a constant vector)."""
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
     return x.var(unbiased=False) / (x.mean() ** 2 + 1e-10)
 
 
@@ -57,26 +68,35 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -torch.where(positive, p * safe.log(), torch.zeros_like(p)).sum(dim)
 
 
-def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """E * sum_i f_i * P_i with f_i = share of assignments on expert i, P_i = mean router prob of i.
 
+    ``mask`` is what the router *chose* (before capacity drops anything): Switch, GShard and
+    DeepSeek count the load that way, so a full expert still looks busy. f_i is the count on
+    expert i divided by T * k (``k`` given) or by the number of assignments in ``mask``.
     1.0 at perfect balance (f_i = P_i = 1/E) and E when everything collapses onto one expert.
     Only P carries gradient (f comes from a hard top-k), which pushes probability off busy experts.
+
+    Deviation: with k > 1 every one of a token's k choices counts in f, as DeepSeekMoE does
+    (arXiv 2401.06066); GShard (arXiv 2006.16668) counts only each token's first choice.
     """
     check_prob_matrix("probs", probs, where="switch_balance_loss")
     if mask.shape != probs.shape:
         raise ValueError(f"switch_balance_loss: mask shape {tuple(mask.shape)} != probs shape {tuple(probs.shape)}")
     E = probs.shape[1]
     m = mask.to(probs.dtype)
-    f = m.sum(0) / m.sum().clamp_min(1)
-    P = probs.mean(0)
+    total = m.sum() if k is None else m.new_tensor(float(probs.shape[0] * k))
+    f = m.sum(0) / total.clamp_min(1)
+    P = _token_mean(probs)
     return E * (f * P).sum()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """mean over tokens of logsumexp(logits)^2: keeps router logits small, hence numerically stable."""
+    """mean over tokens of logsumexp(logits)^2: keeps router logits small, hence numerically stable.
+
+    ``logits`` must be pre-softmax scores; for log-probabilities logsumexp is 0 and so is the loss."""
     check_prob_matrix("logits", logits, where="z_loss")
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    return _token_mean(torch.logsumexp(logits.float() if logits.dtype != torch.float64 else logits, dim=-1).pow(2))
 
 
 def importance_loss(weights: torch.Tensor) -> torch.Tensor:
@@ -95,13 +115,13 @@ def load_loss(load: torch.Tensor) -> torch.Tensor:
 def batch_entropy_loss(gates: torch.Tensor) -> torch.Tensor:
     """-H(mean gate): minimising it spreads the batch over all experts (min -ln E at uniform use)."""
     check_prob_matrix("gates", gates, where="batch_entropy_loss")
-    return -entropy(gates.mean(0))
+    return -entropy(_token_mean(gates))
 
 
 def sample_entropy_loss(gates: torch.Tensor) -> torch.Tensor:
     """mean_t H(gates[t]): minimising it makes each sample pick one expert decisively (0 at one-hot)."""
     check_prob_matrix("gates", gates, where="sample_entropy_loss")
-    return entropy(gates).mean()
+    return _token_mean(entropy(gates))
 
 
 def batch_variance_loss(gates: torch.Tensor) -> torch.Tensor:
@@ -113,7 +133,7 @@ def batch_variance_loss(gates: torch.Tensor) -> torch.Tensor:
     direction the same as in the entropy version, which is what makes it a balancing loss.)
     """
     check_prob_matrix("gates", gates, where="batch_variance_loss")
-    return gates.mean(0).var(unbiased=False)
+    return _token_mean(gates).var(unbiased=False)
 
 
 def sample_variance_loss(gates: torch.Tensor) -> torch.Tensor:
@@ -124,7 +144,9 @@ def sample_variance_loss(gates: torch.Tensor) -> torch.Tensor:
     the variance analogue of minimising the sample entropy.
     """
     check_prob_matrix("gates", gates, where="sample_variance_loss")
-    return -gates.var(dim=-1, unbiased=False).mean()
+    # No rows: var() would warn about zero degrees of freedom; an empty (0,) sum keeps the graph.
+    per_token = gates.var(dim=-1, unbiased=False) if gates.shape[0] else gates.sum(-1)
+    return -_token_mean(per_token)
 
 
 def diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
@@ -150,11 +172,18 @@ def threshold_loss(active: torch.Tensor) -> torch.Tensor:
     return active
 
 
+def _z_of(routing) -> torch.Tensor:
+    if not routing.has_logits:
+        raise ValueError("z loss: this routing's logits are not pre-softmax scores (log-probabilities or "
+                         "constants), so logsumexp is 0 and the loss would be a silent 0; drop 'z' from losses")
+    return z_loss(routing.logits)
+
+
 #: name -> function of (routing, expert_outputs) used by layers configured with ``losses={name: weight}``.
 LOSSES = {
-    "switch": lambda r, y: switch_balance_loss(r.probs, r.mask),
-    "z": lambda r, y: z_loss(r.logits),
-    "importance": lambda r, y: importance_loss(r.weights),
+    "switch": lambda r, y: switch_balance_loss(r.probs, r.chosen_mask, r.experts_per_token),
+    "z": lambda r, y: _z_of(r),
+    "importance": lambda r, y: importance_loss(r.gates),
     "load": lambda r, y: load_loss(r.aux["load"]) if "load" in r.aux else cv_squared(r.mask.sum(0)) * 0,
     "batch_entropy": lambda r, y: batch_entropy_loss(r.probs),
     "sample_entropy": lambda r, y: sample_entropy_loss(r.probs),
@@ -184,6 +213,38 @@ def check_loss_weights(losses, where: str) -> dict[str, float]:
             raise ValueError(f"{where}: losses[{name!r}]={w!r} must be a finite number >= 0")
         out[name] = float(w)
     return out
+
+
+def check_losses_for_router(losses: dict[str, float], router, where: str, *, has_logits: bool | None = None,
+                            routes_all: bool | None = None) -> None:
+    """Refuse loss settings that cannot work with ``router`` (ValueError naming ``losses``).
+
+    * ``z`` needs real pre-softmax logits (not a hierarchical router's log-probabilities, Soft
+      MoE's shares or a fixed router's zeros): otherwise it is a silent 0;
+    * ``switch`` on a router that sends every token to every expert, or that gives every expert
+      the same load by construction (expert choice), is the constant 1;
+    * ``load`` needs a noisy ``TopKRouter`` (its smooth load estimate); otherwise it is 0.
+
+    ``router`` may be None (Soft MoE): then ``has_logits`` and ``routes_all`` say what it is.
+    """
+    active = {name for name, w in losses.items() if w > 0}
+    if has_logits is None:
+        has_logits = getattr(router, "has_logits", True)
+    if routes_all is None:
+        routes_all = getattr(router, "routes_all", False)
+    what = type(router).__name__ if router is not None else where
+    if "z" in active and not has_logits:
+        raise ValueError(f"{where}: losses has 'z', but {what}'s logits are not pre-softmax scores, so the z-loss "
+                         f"would always be 0; drop 'z' from losses")
+    if "switch" in active and routes_all:
+        raise ValueError(f"{where}: losses has 'switch', but {what} sends every token to every expert, so the "
+                         f"Switch loss is the constant 1; use 'importance' or 'batch_entropy' instead")
+    if "switch" in active and getattr(router, "equal_load", False):
+        raise ValueError(f"{where}: losses has 'switch', but {what} gives every expert the same number of tokens "
+                         f"by construction, so the Switch loss is the constant 1; drop it")
+    if "load" in active and not getattr(router, "noisy", False):
+        raise ValueError(f"{where}: losses has 'load', which needs a noisy TopKRouter (its smooth load estimate); "
+                         f"{what} is not noisy, so the loss would be 0: use noisy=True or another loss")
 
 
 def compute_aux_losses(routing, weights: dict[str, float], expert_outputs=None) -> dict[str, torch.Tensor]:

@@ -13,18 +13,20 @@ of weighted auxiliary losses, for logging) and ``aux_loss`` (their sum, to add t
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import check_choice, check_finite, check_int, check_positive_float
-from .dispatch import DISPATCH_MODES, _sorted_pairs, dispatch as run_dispatch, expert_slices
+from .dispatch import DISPATCH_MODES, dispatch as run_dispatch, expert_slices, sorted_pairs
 from .experts import ACTIVATIONS, ExpertBank, MLPExpert
-from .losses import check_loss_weights, compute_aux_losses
-from .routing import Router, Routing, layer_router
+from .losses import check_loss_weights, check_losses_for_router, compute_aux_losses
+from .routing import Router, Routing, cat_routings, layer_router
 
-__all__ = ["MoELayer", "MoE", "SoftMoELayer", "moe_modules", "total_aux_loss"]
+__all__ = ["MoELayer", "MoE", "SoftMoELayer", "AuxLossMixin", "moe_modules", "total_aux_loss", "collect_routing",
+           "default_losses"]
 
 _EXPERT_KINDS = ("mlp", "swiglu")
 
@@ -40,7 +42,18 @@ def _profiler_label(name: str):
 _DEFAULT_LOSSES = {"switch": 0.01}
 
 
-class _AuxMixin:
+def default_losses(router) -> dict:
+    """The auxiliary losses a layer gets when ``losses=None``: the Switch loss at weight 0.01,
+    except for routers that send every token to every expert or give every expert the same load
+    (where it is a constant)."""
+    constant = getattr(router, "routes_all", False) or getattr(router, "equal_load", False)
+    return {} if constant else dict(_DEFAULT_LOSSES)
+
+
+class AuxLossMixin:
+    """Keeps ``last_routing``, ``aux_losses`` and ``aux_loss`` of an MoE module after a forward
+    (what ``fit``, ``moe_modules`` and ``total_aux_loss`` read); ``self.losses`` holds the weights."""
+
     def _set_aux(self, routing: Routing, expert_outputs=None):
         self.last_routing = routing
         self.aux_losses = compute_aux_losses(routing, self.losses, expert_outputs)
@@ -50,7 +63,7 @@ class _AuxMixin:
             self.aux_loss = routing.probs.new_zeros(())
 
 
-class MoELayer(_AuxMixin, nn.Module):
+class MoELayer(AuxLossMixin, nn.Module):
     """A sparse feed-forward block: ``(..., d_model) -> (..., d_model)``.
 
     Args:
@@ -60,11 +73,14 @@ class MoELayer(_AuxMixin, nn.Module):
         dispatch: "dense" (oracle), "loop", "sorted", "grouped" or "auto" (fastest valid here).
         capacity_factor: None (no dropping) or > 0 (capacity ceil(cf * T * k / E) per expert).
         router: a router module to use instead of the default ``TopKRouter`` (its ``num_experts``
-            must equal E; its own k/capacity then apply).
+            must equal E, and ``k`` must equal its k; capacity, noise and temperature are set on
+            it: passing them here too raises ValueError instead of being ignored).
         noisy, temperature: passed to the default ``TopKRouter`` (which renormalises the k weights
-            when k > 1 and keeps the raw probability when k = 1, as Switch does).
+            when the current k > 1 and keeps the raw probability when k = 1, as Switch does).
         losses: ``{name: weight}`` auxiliary losses (see ``tutorial_moe.losses.LOSSES``);
-            default ``{"switch": 0.01}``.
+            default ``{"switch": 0.01}`` ({} for a router that sends every token everywhere).
+            Settings that cannot work with the router ('z' without real logits, 'switch' on a
+            dense router, 'load' without a noisy one) raise ValueError.
 
     Tokens dropped by capacity get a zero output from this block; wrap it in a residual
     connection (as transformers do) so they pass through unchanged.
@@ -81,8 +97,9 @@ class MoELayer(_AuxMixin, nn.Module):
         check_int("k", k, low=1, high=num_experts, where=where)
         check_choice("expert", expert, _EXPERT_KINDS, where=where)
         self.dispatch = check_choice("dispatch", dispatch, DISPATCH_MODES, where=where)
-        self.losses = check_loss_weights(_DEFAULT_LOSSES if losses is None else losses, where)
         router = layer_router(where, d_model, num_experts, k, router, capacity_factor, noisy, temperature)
+        self.losses = check_loss_weights(default_losses(router) if losses is None else losses, where)
+        check_losses_for_router(self.losses, router, where)
         self.router = router
         self.experts = ExpertBank(num_experts, d_model, d_hidden, kind=expert)
         self.last_routing: Routing | None = None
@@ -114,7 +131,7 @@ class MoELayer(_AuxMixin, nn.Module):
         return out.reshape(*lead, self.d_model)
 
 
-class MoE(_AuxMixin, nn.Module):
+class MoE(AuxLossMixin, nn.Module):
     """Whole-network experts combined by a router: ``out = combine_e(weights[:, e], expert_e(x))``.
 
     Args:
@@ -127,8 +144,12 @@ class MoE(_AuxMixin, nn.Module):
             a few direct kernel calls (see ``_sparse_inference``), with far less per-expert overhead.
         combine: "logits" - weighted sum of the experts' outputs (seed 004: softmax of the sum);
             "probs" - mixture of the experts' softmax distributions (seed 000: "sum the weighted
-            probabilities"), returned as log-probabilities, so ``F.cross_entropy`` on the output
-            is exactly the negative log-likelihood of the mixture.
+            probabilities"), returned as log-probabilities of the mixture renormalised over the
+            experts each sample kept (``sum_e w_e softmax(y_e) / sum_e w_e``): each row's
+            ``exp`` sums to 1 even when the weights do not (raw top-k probabilities, capacity
+            drops), so ``F.nll_loss`` and ``F.cross_entropy`` on the output agree and are the
+            negative log-likelihood of that mixture. A sample that kept no expert gets the
+            uniform distribution.
         losses: ``{name: weight}`` auxiliary losses, default none.
     """
 
@@ -148,6 +169,7 @@ class MoE(_AuxMixin, nn.Module):
         self.dispatch = check_choice("dispatch", dispatch, ("dense", "loop", "auto"), where=where)
         self.combine = check_choice("combine", combine, ("logits", "probs"), where=where)
         self.losses = check_loss_weights(losses, where)
+        check_losses_for_router(self.losses, router, where)
         self.last_routing = None
         self.aux_losses = {}
         self.aux_loss = torch.zeros(())
@@ -196,7 +218,7 @@ class MoE(_AuxMixin, nn.Module):
         expert (the per-expert Python overhead is a visible share at batch 256)."""
         activation, params = plain
         flat = x.flatten(1) if x.dim() > 2 else x
-        t_idx, _, w, counts = _sorted_pairs(routing)
+        t_idx, _, w, counts = sorted_pairs(routing)
         xs = flat.index_select(0, t_idx)
         n = xs.shape[0]
         h, y = xs.new_empty(n, params[0][0].shape[0]), xs.new_empty(n, params[0][2].shape[0])
@@ -238,12 +260,17 @@ class MoE(_AuxMixin, nn.Module):
                 probe = self.experts[0](x[:1])
                 out = probe.new_zeros((x.shape[0],) + probe.shape[1:])
         if self.combine == "probs":
-            out = out.clamp_min(1e-12).log()
+            # Renormalise over the kept experts: each expert's softmax sums to 1, so the mixture
+            # sums to the kept weights' total.
+            total = W.sum(-1, keepdim=True).to(out.dtype)
+            kept = total > 0
+            log_mix = out.clamp_min(1e-12).log() - torch.where(kept, total, torch.ones_like(total)).log()
+            out = torch.where(kept, log_mix, torch.full_like(log_mix, -math.log(out.shape[-1])))
         self._set_aux(routing, ys)
         return out
 
 
-class SoftMoELayer(_AuxMixin, nn.Module):
+class SoftMoELayer(AuxLossMixin, nn.Module):
     """Soft MoE (arXiv 2308.00951) with ``slots_per_expert`` slots per expert.
 
     For a group of n tokens X (n, d) and slot parameters Phi (d, E*S):
@@ -252,6 +279,11 @@ class SoftMoELayer(_AuxMixin, nn.Module):
     the next-to-last dim is the group (a sequence); a 2-D input is one group of all its rows, so a
     sample's output then depends on the rest of the batch. ``last_routing.probs`` holds each
     token's combine weight summed per expert (its share of each expert).
+
+    Deviation: the paper L2-normalises the tokens and the slot parameters (with a learned scale)
+    before ``X Phi`` for stability at scale (arXiv 2308.00951); this layer does not.
+    Its routing has no pre-softmax scores per expert, so the z-loss and the Switch loss (every
+    token reaches every expert) are refused.
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, slots_per_expert: int = 1, expert: str = "mlp",
@@ -265,6 +297,7 @@ class SoftMoELayer(_AuxMixin, nn.Module):
         self.phi = nn.Parameter(torch.randn(d_model, num_experts * slots_per_expert) * d_model**-0.5)
         self.experts = ExpertBank(num_experts, d_model, d_hidden, kind=expert)
         self.losses = check_loss_weights(losses, where)
+        check_losses_for_router(self.losses, None, where, has_logits=False, routes_all=True)
         self.last_routing = None
         self.aux_losses = {}
         self.aux_loss = torch.zeros(())
@@ -274,7 +307,7 @@ class SoftMoELayer(_AuxMixin, nn.Module):
             raise ValueError(f"SoftMoELayer: x must have shape (..., n, {self.d_model}), got {tuple(getattr(x, 'shape', ()))}")
         check_finite(x, where="SoftMoELayer")
         squeeze = x.dim() == 2
-        X = x.unsqueeze(0) if squeeze else x.reshape(-1, *x.shape[-2:])  # (B, n, d)
+        X = x.unsqueeze(0) if squeeze else x.reshape(math.prod(x.shape[:-2]), *x.shape[-2:])  # (B, n, d)
         B, n, d = X.shape
         E, S = self.num_experts, self.slots
         scores = X @ self.phi  # (B, n, E*S)
@@ -289,7 +322,7 @@ class SoftMoELayer(_AuxMixin, nn.Module):
         share = C.reshape(B * n, E, S).sum(-1)  # (T, E)
         T = B * n
         routing = Routing(share.clamp_min(1e-30).log(), share, share, torch.ones(T, E, dtype=torch.bool, device=x.device),
-                          torch.zeros(T, dtype=torch.bool, device=x.device))
+                          torch.zeros(T, dtype=torch.bool, device=x.device), has_logits=False)
         self._set_aux(routing)
         return out.squeeze(0) if squeeze else out.reshape(x.shape)
 
@@ -297,6 +330,27 @@ class SoftMoELayer(_AuxMixin, nn.Module):
 def moe_modules(model: nn.Module) -> list[nn.Module]:
     """Every MoE module inside ``model`` (anything with ``last_routing`` and ``aux_loss``), in order."""
     return [m for m in model.modules() if hasattr(m, "last_routing") and hasattr(m, "aux_loss")]
+
+
+@torch.no_grad()
+def collect_routing(model: nn.Module, x: torch.Tensor, ids=None, batch_size: int = 1024, layer: int = 0) -> Routing:
+    """Run ``model`` in eval mode over ``x`` and concatenate the routing of its ``layer``-th MoE module."""
+    mods = moe_modules(model)
+    if not mods:
+        raise ValueError("collect_routing: model contains no MoE module (nothing with last_routing)")
+    check_int("layer", layer, low=0, high=len(mods) - 1, where="collect_routing")
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(dev)
+            model(xb) if ids is None else model(xb, ids[start : start + batch_size].to(dev))
+            parts.append(mods[layer].last_routing.detach())
+    finally:
+        model.train(was_training)
+    return cat_routings(parts)
 
 
 def total_aux_loss(model: nn.Module) -> torch.Tensor | float:

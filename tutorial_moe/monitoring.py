@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from ._validate import check_int
 from .metrics import load_imbalance, routing_changes, routing_entropy, specialization, utilization
+from .moe import collect_routing
 from .routing import Routing
-from .train import collect_routing
 
 __all__ = ["top_expert_mask", "routing_summary", "RoutingMonitor", "compute_per_token"]
 

@@ -40,9 +40,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._validate import check_choice, check_int, check_positive_float
+from .dispatch import run_sorted_experts
 from .experts import ExpertBank
-from .losses import check_loss_weights
-from .moe import MoELayer, _AuxMixin
+from .losses import check_loss_weights, check_losses_for_router
+from .moe import AuxLossMixin, MoELayer, default_losses
 from .routing import Routing, layer_router
 
 __all__ = [
@@ -261,7 +262,7 @@ def _all_to_all(x: torch.Tensor, output_split_sizes: list[int], input_split_size
     return out.wait() if hasattr(out, "wait") else out
 
 
-class ExpertParallelMoELayer(_AuxMixin, nn.Module):
+class ExpertParallelMoELayer(AuxLossMixin, nn.Module):
     """A :class:`~tutorial_moe.moe.MoELayer` whose E experts are split over the ranks of ``group``.
 
     Each rank holds the full router (replicated) and an :class:`ExpertBank` of its ``E / W``
@@ -275,6 +276,13 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
     of the ranks' losses, expert gradients come out complete (the backward all-to-all brings
     every rank's contribution home); the replicated router's gradients are partial sums, to be
     added up with :meth:`reduce_gradients` before an optimiser step.
+
+    Every rank must run ``backward`` through the layer's output on every step, even a rank with
+    no tokens or whose loss does not need it: the backward all-to-alls are collectives, and a
+    rank that skips them leaves the others waiting until the process group's timeout. With
+    auxiliary-loss-free balancing (a router with ``bias_update_rate``), every rank calls
+    ``update_expert_bias()`` after its optimiser step (``fit`` does); the load is summed over
+    ``group`` first, so the replicated biases stay identical.
 
     Args mirror ``MoELayer`` (no noisy router: each rank would draw different noise). ``group``:
     a process group (default: the whole world). ``collective``: "c10d" (default) wraps
@@ -294,16 +302,19 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
         self.d_hidden = check_int("d_hidden", d_hidden, low=1, where=where)
         self.num_experts = check_int("num_experts", num_experts, low=1, where=where)
         check_int("k", k, low=1, high=num_experts, where=where)
-        self.losses = check_loss_weights({"switch": 0.01} if losses is None else losses, where)
-        if self.losses.get("diversity", 0) > 0:
-            raise ValueError(f"{where}: losses={losses!r}: 'diversity' needs every expert's output on every token, "
-                             f"which expert parallelism never computes; drop it")
         self.group = group
         self.rank, self.world_size = _group_info(group)
         self.expert_ids = expert_shard(num_experts, self.world_size, self.rank)
         router = layer_router(where, d_model, num_experts, k, router, capacity_factor, temperature=temperature)
         if getattr(router, "noisy", False):
             raise ValueError(f"{where}: a noisy router draws different noise on every rank; use noisy=False")
+        self.losses = check_loss_weights(default_losses(router) if losses is None else losses, where)
+        if self.losses.get("diversity", 0) > 0:
+            raise ValueError(f"{where}: losses={losses!r}: 'diversity' needs every expert's output on every token, "
+                             f"which expert parallelism never computes; drop it")
+        check_losses_for_router(self.losses, router, where)
+        if hasattr(router, "process_group"):
+            router.process_group = group  # the bias update sums the load over this layer's ranks
         self.router = router
         self.experts = ExpertBank(len(self.expert_ids), d_model, d_hidden, kind=expert, activation=activation)
         self.comm = CommCounter()
@@ -367,19 +378,20 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
                     p.grad /= self.world_size
 
     def _run_local_experts(self, received: torch.Tensor, recv_counts: torch.Tensor) -> torch.Tensor:
-        """received (n, d) ordered [source rank][local expert][token]; returns expert outputs in that order."""
+        """received (n, d) ordered [source rank][local expert][token]; returns expert outputs in that order.
+
+        The rows are regrouped by expert and run through the same fused kernels as
+        ``MoELayer``'s sorted/grouped dispatch (one autograd node or one grouped matmul per
+        weight, not a Python loop over experts)."""
         W, El = self.world_size, self.local_experts
         local_expert = torch.repeat_interleave(torch.arange(El, device=received.device).repeat(W),
                                                recv_counts.reshape(-1))
         order = torch.argsort(local_expert, stable=True)  # regroup by expert: [expert][source][token]
         xs = received.index_select(0, order)
-        per_expert = recv_counts.sum(0).tolist()
-        pieces = [self.experts.apply_expert(params, chunk)
-                  for params, chunk in zip(self.experts.expert_params(), xs.split(per_expert)) if chunk.shape[0]]
-        ys = torch.cat(pieces) if pieces else xs
+        ys = run_sorted_experts(self.experts, xs, recv_counts.sum(0))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return ys.index_select(0, inverse)
+        return ys.index_select(0, inverse).to(received.dtype)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         where = "ExpertParallelMoELayer"
@@ -443,11 +455,23 @@ class ExpertParallelMoELayer(_AuxMixin, nn.Module):
 
 def routed_counts(router: nn.Module, x: torch.Tensor, splits: list[int]) -> torch.Tensor:
     """(W, E) int64: (token, expert) pairs each of W ranks would send to each expert, computed in
-    one process by routing each rank's rows (``splits[r]`` of ``x``) on their own, as the ranks do."""
+    one process by routing each rank's rows (``splits[r]`` of ``x``) on their own, as the ranks do.
+
+    Read-only: the router runs in eval mode (no noise, nothing counted for a bias update) and its
+    buffers are restored afterwards, so asking never changes how it routes next."""
     if sum(splits) != x.shape[0]:
         raise ValueError(f"routed_counts: splits={splits} sum to {sum(splits)}, but x has {x.shape[0]} rows")
-    with torch.no_grad():
-        return torch.stack([router(part).mask.sum(0) for part in x.split(list(splits))])
+    was_training = router.training
+    saved = {name: b.clone() for name, b in router.named_buffers()}
+    router.eval()
+    try:
+        with torch.no_grad():
+            return torch.stack([router(part).mask.sum(0) for part in x.split(list(splits))])
+    finally:
+        router.train(was_training)
+        with torch.no_grad():
+            for name, b in router.named_buffers():
+                b.copy_(saved[name])
 
 
 def draw_all_to_all(counts, ax=None, title: str | None = None):

@@ -13,9 +13,11 @@ balancing (arXiv 2408.15664), learned per-expert thresholds in the spirit of Dyn
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from fractions import Fraction
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -32,6 +34,7 @@ from ._validate import (
 __all__ = [
     "top_indices",
     "Routing",
+    "cat_routings",
     "Router",
     "SoftmaxRouter",
     "TopKRouter",
@@ -43,20 +46,34 @@ __all__ = [
     "capacity",
     "apply_capacity",
     "layer_router",
+    "update_expert_biases",
+    "PRIORITIES",
 ]
+
+#: How capacity decides which assignments to drop (see :func:`apply_capacity`).
+PRIORITIES = ("position", "score")
 
 
 @dataclass
 class Routing:
     """The routing decision for ``T`` tokens over ``E`` experts.
 
-    logits  (T, E) raw router scores (after temperature; noisy ones in training if the router adds noise)
+    logits  (T, E) raw router scores (after temperature; noisy ones in training if the router adds
+            noise), promoted to at least float32 whatever the module's dtype (ST-MoE keeps the
+            router in float32)
     probs   (T, E) softmax of ``logits`` before any top-k (rows sum to 1)
-    weights (T, E) combine weights, 0 wherever the token is not routed
-    mask    (T, E) bool, token t is processed by expert e
+    weights (T, E) combine weights, 0 wherever the token is not routed (after capacity)
+    mask    (T, E) bool, token t is processed by expert e (after capacity)
     dropped (T,)   bool, tokens that lost every expert to capacity
     indices (T, k) optional: each token's chosen experts in priority order (top-k routers only)
     aux     dict   router-specific tensors for losses and logging (e.g. Shazeer's smooth ``load``)
+    chosen  (T, E) optional bool: what the router chose *before* capacity dropped anything; None
+            means nothing was dropped (then it equals ``mask``). Balance signals read this one:
+            Switch, GShard and DeepSeek count the load from the router's choices, so a full
+            expert still looks busy (after dropping, every full expert looks equally loaded).
+    chosen_weights (T, E) optional: the combine weights before capacity (None: ``weights``)
+    has_logits bool: False when ``logits`` are not pre-softmax scores (log-probabilities of a
+            two-level router, Soft MoE's shares, fixed routers' zeros); the z-loss refuses them.
     """
 
     logits: torch.Tensor
@@ -66,6 +83,9 @@ class Routing:
     dropped: torch.Tensor
     indices: torch.Tensor | None = None
     aux: dict = field(default_factory=dict)
+    chosen: torch.Tensor | None = None
+    chosen_weights: torch.Tensor | None = None
+    has_logits: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +95,21 @@ class Routing:
     def num_experts(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def chosen_mask(self) -> torch.Tensor:
+        """(T, E) bool: the router's choices before capacity (``mask`` when nothing was dropped)."""
+        return self.mask if self.chosen is None else self.chosen
+
+    @property
+    def gates(self) -> torch.Tensor:
+        """(T, E) combine weights before capacity (``weights`` when nothing was dropped)."""
+        return self.weights if self.chosen_weights is None else self.chosen_weights
+
+    @property
+    def experts_per_token(self) -> int | None:
+        """k for top-k routers (the width of ``indices``), else None."""
+        return None if self.indices is None else self.indices.shape[1]
+
     def assignments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(token index, expert index) of every routed pair, sorted by expert then token."""
         e_idx, t_idx = self.mask.t().nonzero(as_tuple=True)
@@ -82,31 +117,67 @@ class Routing:
 
     def detach(self) -> "Routing":
         """A copy without autograd history (for logging without keeping the graph alive)."""
-        return Routing(
-            self.logits.detach(), self.probs.detach(), self.weights.detach(), self.mask, self.dropped,
-            None if self.indices is None else self.indices,
-            {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in self.aux.items()},
-        )
+        def d(v):
+            return v.detach() if isinstance(v, torch.Tensor) else v
+        return Routing(**{f.name: d(getattr(self, f.name)) for f in fields(self) if f.name != "aux"},
+                       aux={k: d(v) for k, v in self.aux.items()})
+
+
+def cat_routings(parts: list[Routing]) -> Routing:
+    """The routings of consecutive token batches as one routing of all their tokens.
+
+    Per-token tensors are concatenated; ``indices`` and the pre-capacity fields are kept when
+    every part has them (all the same k), ``aux`` (per-batch values) is dropped."""
+    if not parts:
+        raise ValueError("cat_routings: parts is empty; give at least one Routing")
+
+    def cat(name):
+        vals = [getattr(p, name) for p in parts]
+        if any(v is None for v in vals):
+            if name in ("chosen", "chosen_weights") and not all(v is None for v in vals):
+                base = {"chosen": "mask", "chosen_weights": "weights"}[name]
+                return torch.cat([getattr(p, base) if v is None else v for p, v in zip(parts, vals)])
+            return None
+        if name == "indices" and len({v.shape[1] for v in vals}) > 1:
+            return None
+        return torch.cat(vals)
+
+    return Routing(cat("logits"), cat("probs"), cat("weights"), cat("mask"), cat("dropped"), cat("indices"), {},
+                   cat("chosen"), cat("chosen_weights"), all(p.has_logits for p in parts))
 
 
 def capacity(capacity_factor: float, num_tokens: int, num_experts: int, k: int = 1) -> int:
-    """Tokens one expert may take: ceil(capacity_factor * T * k / E), at least 1."""
-    return max(1, math.ceil(capacity_factor * num_tokens * k / num_experts))
+    """Tokens one expert may take: ceil(capacity_factor * T * k / E), at least 1.
+
+    Computed exactly: the factor is read as the decimal it prints as (``1.1`` is 11/10, not the
+    binary float just above it), so ``capacity(1.1, 100, 2, 1)`` is 55, not the 56 that float
+    rounding of 1.1 * 100 / 2 = 55.000000000000007 gives.
+    """
+    cf = Fraction(repr(float(capacity_factor)))
+    return max(1, math.ceil(cf * num_tokens * k / num_experts))
 
 
-def apply_capacity(indices: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
+def apply_capacity(indices: torch.Tensor, num_experts: int, cap: int, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Which of the (T, k) choices fit into experts of capacity ``cap``.
 
-    Priority: every token's first choice is served before any token's second choice; within the
-    same rank, earlier tokens come first (the order used by Switch and GShard).
+    Priority: every token's first choice is served before any token's second choice. Within the
+    same rank, earlier tokens come first (``scores=None``, the order of Switch and GShard), or,
+    with ``scores`` (T,), tokens with higher scores come first: batch prioritised routing
+    (Riquelme et al., V-MoE, arXiv 2106.05974), which drops the tokens the router is least sure of.
     Returns ``keep`` (T, k) bool.
     """
     T, k = indices.shape
+    order = None
+    if scores is not None:
+        order = torch.argsort(scores.detach(), descending=True, stable=True)
+        indices = indices.index_select(0, order)
     # (k*T, E) one-hot in priority order; the running count is each assignment's queue position.
     onehot = F.one_hot(indices.t().reshape(-1), num_experts)
     position = onehot.cumsum(0) * onehot
-    keep = (position.sum(-1) <= cap)
-    return keep.reshape(k, T).t()
+    keep = (position.sum(-1) <= cap).reshape(k, T).t()
+    if order is not None:
+        keep = torch.empty_like(keep).index_copy_(0, order, keep)
+    return keep
 
 
 class Router(nn.Module):
@@ -115,7 +186,16 @@ class Router(nn.Module):
     ``gate`` may be any module mapping the input to (T, E) scores (e.g. seed 004's conv gate
     reading images); by default it is a bias-free ``nn.Linear(d_model, num_experts)``, which keeps
     the gate much smaller than the experts (seed 002's advice).
+
+    Class attributes the layers read to refuse loss settings that cannot work: ``has_logits``
+    (the ``logits`` of its Routing are real pre-softmax scores, so the z-loss means something)
+    ``routes_all`` (every token goes to every expert) and ``equal_load`` (every expert gets the
+    same number of tokens by construction): with either the Switch loss is a constant.
     """
+
+    has_logits = True
+    routes_all = False
+    equal_load = False
 
     def __init__(self, d_model: int | None, num_experts: int, temperature: float = 1.0, gate: nn.Module | None = None):
         super().__init__()
@@ -161,6 +241,10 @@ class Router(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: gate returned shape {tuple(logits.shape)}; expected ({x.shape[0]}, {self.num_experts})"
             )
+        # The softmax runs in float32 (at least) whatever the module's or autocast's dtype, as
+        # ST-MoE (arXiv 2202.08906) advises: bf16 rounding of router logits changes top-k choices.
+        if logits.dtype != torch.float64:
+            logits = logits.float()
         # Skipping the division at temperature 1 saves a pass over (T, E) forward and backward.
         return logits if self.temperature == 1.0 else logits / self.temperature
 
@@ -196,6 +280,8 @@ class SoftmaxRouter(Router):
     This is the gate of seed 003's Keras example and of seeds 000/004 during "all experts" training.
     """
 
+    routes_all = True
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
         logits = self.scores(x)
         probs = logits.softmax(-1)
@@ -209,15 +295,29 @@ class TopKRouter(Router):
     * ``noisy``: Shazeer et al.'s noisy top-k (arXiv 1701.06538). In training mode the scores get
       Gaussian noise with a learned, input-dependent std ``softplus(x W_noise)``; the smooth
       ``load`` (expected tokens per expert) is left in ``routing.aux["load"]`` for ``load_loss``.
-    * ``normalize``: the k selected weights are rescaled to sum to 1 (softmax over the chosen
-      experts); otherwise they are the raw softmax probabilities (as in Switch).
+    * ``normalize``: None (default) decides at every forward from the *current* k: with k > 1 the
+      k selected weights are rescaled to sum to 1 (softmax over the chosen experts); with k = 1
+      the weight is the raw probability, as in Switch (a single renormalised weight is exactly 1,
+      and the gate would get no gradient from the task loss). ``True`` renormalises at every k
+      (at k = 1 that is the dead gate chapter 10 shows), ``False`` never does.
     * ``capacity_factor``: each expert takes at most ceil(cf * T * k / E) tokens; overflow is
       dropped in priority order (all first choices before any second choice). Dropped assignments
-      get weight 0 (the surviving weights are not renormalised, as in GShard/Switch).
-    * ``bias_update_rate`` u > 0: auxiliary-loss-free balancing (arXiv 2408.15664). A per-expert
-      bias ``b`` is added to the scores for *selection only*; after each training forward,
-      ``b += u * sign(mean_load - load)`` outside autograd.
+      get weight 0; the surviving weights are not renormalised: they are normalised *before*
+      dropping, as GShard does (arXiv 2006.16668, Algorithm 1).
+    * ``priority``: which tokens capacity drops first within a choice rank: "position" (default;
+      later rows of the batch, as Switch and GShard) or "score" (batch prioritised routing of
+      V-MoE, arXiv 2106.05974: tokens with the lowest router probability are dropped first).
+    * ``bias_update_rate`` u > 0: auxiliary-loss-free balancing (DeepSeek, arXiv 2408.15664 and
+      DeepSeek-V3, arXiv 2412.19437). A per-expert bias ``b`` (a float32 buffer, whatever the
+      module's dtype) is added to the scores for *selection only*; combine weights come from the
+      unbiased probabilities. A training forward only *counts* the chosen load (before capacity)
+      into ``expert_load``; :meth:`update_expert_bias` (which ``fit`` calls after every optimiser
+      step) applies ``b += u * sign(mean_load - load)`` from everything counted since its last
+      call, so gradient accumulation and recomputed forwards do not change the rate.
     * ``k`` and ``temperature`` may be changed between forwards (schedules do this).
+
+    The balance signals (``switch``, ``importance`` losses, the bias) read ``routing.chosen``,
+    the choices before capacity, as Switch, GShard and DeepSeek count the load.
     """
 
     def __init__(
@@ -228,27 +328,36 @@ class TopKRouter(Router):
         noisy: bool = False,
         temperature: float = 1.0,
         capacity_factor: float | None = None,
-        normalize: bool = True,
+        normalize: bool | None = None,
         bias_update_rate: float = 0.0,
         gate: nn.Module | None = None,
+        priority: str = "position",
     ):
         super().__init__(d_model, num_experts, temperature, gate)
         where = type(self).__name__
         self.k = k
         if not isinstance(noisy, bool):
             raise TypeError(f"{where}: noisy must be a bool, got {type(noisy).__name__} {noisy!r}")
-        if not isinstance(normalize, bool):
-            raise TypeError(f"{where}: normalize must be a bool, got {type(normalize).__name__} {normalize!r}")
+        if normalize is not None and not isinstance(normalize, bool):
+            raise TypeError(f"{where}: normalize must be None (decide from k at each forward) or a bool, "
+                            f"got {type(normalize).__name__} {normalize!r}")
         self.noisy = noisy
         self.normalize = normalize
         self.capacity_factor = check_capacity_factor(capacity_factor, where=where)
+        self.priority = check_choice("priority", priority, PRIORITIES, where=where)
         self.bias_update_rate = check_positive_float("bias_update_rate", bias_update_rate, where=where, allow_zero=True)
         if noisy:
             if self.d_model is None:
                 raise ValueError(f"{where}: noisy=True needs d_model (the noise network reads x); got d_model=None")
             self.noise = nn.Linear(self.d_model, num_experts, bias=False)
             nn.init.zeros_(self.noise.weight)  # start at std softplus(0) ~ 0.69, as a learnable scale
-        self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        # Chosen (token, expert) pairs counted since the last update_expert_bias(); not saved in
+        # checkpoints (a step's count, not state of the model).
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        #: Process group whose ranks share this router (set by ExpertParallelMoELayer); the load
+        #: is summed over it in update_expert_bias when torch.distributed is initialised.
+        self.process_group = None
 
     @property
     def k(self) -> int:
@@ -258,11 +367,51 @@ class TopKRouter(Router):
     def k(self, value):
         self._k = check_int("k", value, low=1, high=self.num_experts, where=type(self).__name__)
 
+    def renormalizes(self) -> bool:
+        """Whether the next forward rescales the chosen weights to sum to 1 (see ``normalize``)."""
+        return self.k > 1 if self.normalize is None else self.normalize
+
+    def _apply(self, fn, *args, **kwargs):
+        # .half()/.bfloat16()/.to(dtype) would round the bias: updates of 1e-3 vanish next to a
+        # bias of 1 in bf16 (its spacing there is 2^-7). Keep both buffers float32, values intact.
+        keep = {n: self._buffers[n] for n in ("expert_bias", "expert_load") if n in self._buffers}
+        super()._apply(fn, *args, **kwargs)
+        for n, old in keep.items():
+            new = self._buffers[n]
+            if new.dtype != torch.float32:
+                self._buffers[n] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, k={self.k}, noisy={self.noisy}, temperature={self.temperature}, "
             f"capacity_factor={self.capacity_factor}, normalize={self.normalize}, bias_update_rate={self.bias_update_rate}"
+            + (f", priority={self.priority!r}" if self.priority != "position" else "")
         )
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> torch.Tensor | None:
+        """Apply one auxiliary-loss-free bias step from the load counted since the last call.
+
+        ``b += u * sign(mean_load - load)``, then ``b -= mean(b)`` (only differences between
+        experts matter for selection; centring keeps the bias from drifting), then the count is
+        reset. When ``torch.distributed`` is initialised the load is first summed over
+        ``process_group`` (a collective: every rank of the group must call it, once per step), so
+        replicas that must route alike stay identical. Returns the step applied to the bias
+        (zeros if nothing was counted), or None when ``bias_update_rate`` is 0.
+        """
+        if self.bias_update_rate <= 0:
+            return None
+        load = self.expert_load.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load, group=self.process_group)
+        self.expert_load.zero_()
+        if float(load.sum()) == 0:
+            return torch.zeros_like(self.expert_bias)
+        step = self.bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_bias += step
+        self.expert_bias -= self.expert_bias.mean()
+        return step
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
         clean = self.scores(x)
@@ -271,35 +420,53 @@ class TopKRouter(Router):
         noise_std = None
         if self.noisy and self.training:
             # A custom gate may read images (N, C, H, W); the noise network reads them flattened.
-            noise_std = F.softplus(self.noise(x.flatten(1) if x.dim() > 2 else x)) / self.temperature
+            noise_std = F.softplus(self.noise(x.flatten(1) if x.dim() > 2 else x)).to(clean.dtype) / self.temperature
             logits = clean + torch.randn_like(clean) * noise_std
         probs = logits.softmax(-1)
 
         select = logits.detach()
         if self.bias_update_rate > 0:
-            select = select + self.expert_bias
+            select = select + self.expert_bias  # selection only: the weights below read `probs`
         indices = top_indices(select, k)  # (T, k), best first
         chosen = probs.gather(1, indices)
-        if self.normalize:
+        if self.renormalizes():
             chosen = chosen / chosen.sum(-1, keepdim=True)
+        gates = torch.zeros_like(probs).scatter(1, indices, chosen)
+        choice = torch.zeros(T, E, dtype=torch.bool, device=probs.device).scatter(1, indices, True)
 
         if self.capacity_factor is not None:
-            keep = apply_capacity(indices, E, capacity(self.capacity_factor, T, E, k))
-            chosen = chosen * keep
+            scores = chosen.detach().max(-1).values if self.priority == "score" else None
+            keep = apply_capacity(indices, E, capacity(self.capacity_factor, T, E, k), scores)
+            weights = torch.zeros_like(probs).scatter(1, indices, chosen * keep)
+            mask = torch.zeros(T, E, dtype=torch.bool, device=probs.device).scatter(1, indices, keep)
+            dropped = ~keep.any(-1)
+            pre_mask, pre_weights = choice, gates
         else:
-            keep = torch.ones_like(indices, dtype=torch.bool)
-        weights = torch.zeros_like(probs).scatter(1, indices, chosen)
-        mask = torch.zeros(T, E, dtype=torch.bool, device=probs.device).scatter(1, indices, keep)
-        dropped = ~keep.any(-1)
+            weights, mask, dropped = gates, choice, _no_drops(T, probs.device)
+            pre_mask = pre_weights = None
 
         aux = {}
         if noise_std is not None:
             aux["load"] = _smooth_load(clean, logits, noise_std, k)
         if self.bias_update_rate > 0 and self.training:
             with torch.no_grad():
-                load = mask.sum(0).to(self.expert_bias.dtype)
-                self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
-        return Routing(logits, probs, weights, mask, dropped, indices, aux)
+                self.expert_load += torch.bincount(indices.reshape(-1), minlength=E).to(self.expert_load.dtype)
+        return Routing(logits, probs, weights, mask, dropped, indices, aux, pre_mask, pre_weights)
+
+
+def update_expert_biases(model: nn.Module) -> int:
+    """Call ``update_expert_bias()`` on every router inside ``model`` that has one; returns how many.
+
+    ``fit`` does this after every optimiser step; a hand-written training loop that uses
+    auxiliary-loss-free balancing must call it after ``optimizer.step()`` (on every rank).
+    """
+    n = 0
+    for m in model.modules():
+        fn = getattr(m, "update_expert_bias", None)
+        if callable(fn) and getattr(m, "bias_update_rate", 0) > 0:
+            fn()
+            n += 1
+    return n
 
 
 def _smooth_load(clean: torch.Tensor, noisy: torch.Tensor, noise_std: torch.Tensor, k: int) -> torch.Tensor:
@@ -326,7 +493,13 @@ class ExpertChoiceRouter(Router):
     a token may be taken by 0..E experts, and ``dropped`` marks those taken by none. Weights are
     the softmax probabilities of the chosen (token, expert) pairs. Note that choosing tokens looks
     at the whole batch, which leaks information across positions in autoregressive decoding.
+
+    Deviation, as in the paper: C depends on the batch, so routing one token at inference gives
+    C = 1 and *every* expert takes it (E experts per token instead of about ``capacity_factor``);
+    evaluate expert choice on batches of the training size.
     """
+
+    equal_load = True
 
     def __init__(self, d_model: int | None, num_experts: int, capacity_factor: float, temperature: float = 1.0, gate=None):
         super().__init__(d_model, num_experts, temperature, gate)
@@ -384,11 +557,16 @@ class HierarchicalRouter(Router):
     """Two-level routing: pick ``group_k`` of G groups, then ``k`` experts inside each chosen group.
 
     probs[t, (g, j)] = p(g | t) * p(j | t, g), so rows still sum to 1 and E = G * experts_per_group.
-    Weights are those products for the chosen pairs, renormalised to sum to 1 when ``normalize``.
+    Weights are those products for the chosen pairs, renormalised to sum to 1 when ``normalize``
+    (None, the default: when more than one expert is chosen, decided at each forward, as in
+    :class:`TopKRouter`). Its ``logits`` are log-probabilities (the product has no single score
+    matrix), so the z-loss, which reads pre-softmax scores, is refused for this router.
     """
 
+    has_logits = False
+
     def __init__(self, d_model: int, num_groups: int, experts_per_group: int, k: int = 1, group_k: int = 1,
-                 temperature: float = 1.0, normalize: bool = True):
+                 temperature: float = 1.0, normalize: bool | None = None):
         where = "HierarchicalRouter"
         check_int("num_groups", num_groups, low=1, where=where)
         check_int("experts_per_group", experts_per_group, low=1, where=where)
@@ -396,6 +574,8 @@ class HierarchicalRouter(Router):
         self.num_groups, self.experts_per_group = num_groups, experts_per_group
         self.k = check_int("k", k, low=1, high=experts_per_group, where=where)
         self.group_k = check_int("group_k", group_k, low=1, high=num_groups, where=where)
+        if normalize is not None and not isinstance(normalize, bool):
+            raise TypeError(f"{where}: normalize must be None or a bool, got {type(normalize).__name__} {normalize!r}")
         self.normalize = normalize
         self.group_gate = nn.Linear(d_model, num_groups, bias=False)
         nn.init.normal_(self.group_gate.weight, std=0.02)
@@ -403,7 +583,10 @@ class HierarchicalRouter(Router):
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> Routing:
         expert_scores = self.scores(x)  # (T, E) checks x
         T, G, J = x.shape[0], self.num_groups, self.experts_per_group
-        p_group = (self.group_gate(x) / self.temperature).softmax(-1)  # (T, G)
+        group_scores = self.group_gate(x)
+        if group_scores.dtype != torch.float64:
+            group_scores = group_scores.float()
+        p_group = (group_scores / self.temperature).softmax(-1)  # (T, G)
         p_within = expert_scores.view(T, G, J).softmax(-1)  # (T, G, J)
         probs = (p_group.unsqueeze(-1) * p_within).reshape(T, G * J)
         logits = probs.clamp_min(1e-30).log()
@@ -411,11 +594,11 @@ class HierarchicalRouter(Router):
         inner = p_within.detach().gather(1, groups.unsqueeze(-1).expand(-1, -1, J)).topk(self.k, dim=-1).indices
         indices = (groups.unsqueeze(-1) * J + inner).reshape(T, -1)  # (T, group_k * k)
         chosen = probs.gather(1, indices)
-        if self.normalize:
+        if (indices.shape[1] > 1) if self.normalize is None else self.normalize:
             chosen = chosen / chosen.sum(-1, keepdim=True)
         weights = torch.zeros_like(probs).scatter(1, indices, chosen)
         mask = torch.zeros_like(probs, dtype=torch.bool).scatter(1, indices, True)
-        return Routing(logits, probs, weights, mask, _no_drops(T, probs.device), indices)
+        return Routing(logits, probs, weights, mask, _no_drops(T, probs.device), indices, has_logits=False)
 
 
 class _FixedRouter(nn.Module):
@@ -423,6 +606,9 @@ class _FixedRouter(nn.Module):
 
     Having no scores, ``logits`` are zeros and ``probs`` is the one-hot assignment itself.
     """
+
+    has_logits = False
+    routes_all = False
 
     def __init__(self, num_experts: int):
         super().__init__()
@@ -441,7 +627,8 @@ class _FixedRouter(nn.Module):
         dtype = x.dtype if x.is_floating_point() else torch.float32
         onehot = F.one_hot(expert, E).to(dtype)
         logits = torch.zeros(T, E, dtype=dtype, device=x.device)
-        return Routing(logits, onehot, onehot, onehot.bool(), _no_drops(T, x.device), expert.unsqueeze(1))
+        return Routing(logits, onehot, onehot, onehot.bool(), _no_drops(T, x.device), expert.unsqueeze(1),
+                       has_logits=False)
 
 
 class OracleRouter(_FixedRouter):
@@ -494,16 +681,30 @@ def layer_router(where: str, d_model: int, num_experts: int, k: int, router: nn.
                  capacity_factor: float | None = None, noisy: bool = False, temperature: float = 1.0) -> nn.Module:
     """The router of an MoE layer: the one given (checked), or the default ``TopKRouter``.
 
-    The default keeps the raw probability as the weight when k = 1 (Switch): renormalising a single
-    weight makes it exactly 1, and the router would get no gradient from the task loss.
+    The default decides renormalisation at each forward from the current k: the raw probability
+    at k = 1 (Switch; renormalising a single weight makes it exactly 1 and the router would get
+    no gradient from the task loss), weights summing to 1 at k > 1. With a ``router`` given, the
+    layer arguments it would override are refused rather than ignored: ``k`` must equal
+    ``router.k`` (for routers that have one), and ``capacity_factor``, ``noisy`` and
+    ``temperature`` belong on the router.
     """
     if router is None:
         return TopKRouter(d_model, num_experts, k, noisy=noisy, temperature=temperature,
-                          capacity_factor=capacity_factor, normalize=k > 1)
+                          capacity_factor=capacity_factor)
     if not isinstance(router, nn.Module):
         raise TypeError(f"{where}: router must be an nn.Module returning Routing, got {type(router).__name__}")
     if getattr(router, "num_experts", num_experts) != num_experts:
         raise ValueError(f"{where}: router.num_experts={router.num_experts} != num_experts={num_experts}")
     if capacity_factor is not None:
         raise ValueError(f"{where}: capacity_factor={capacity_factor} with a custom router; set capacity on the router")
+    conflicts = []
+    router_k = getattr(router, "k", None)
+    if isinstance(router_k, int) and router_k != k:
+        conflicts.append(f"k={k} but router.k={router_k} (the router decides k; pass k={router_k})")
+    if noisy:
+        conflicts.append("noisy=True would be ignored (build the router with noisy=True)")
+    if temperature != 1.0:
+        conflicts.append(f"temperature={temperature} would be ignored (set the router's temperature)")
+    if conflicts:
+        raise ValueError(f"{where}: with router={type(router).__name__}(...) given, " + "; ".join(conflicts))
     return router

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from ._validate import check_int, check_positive_float
 from .metrics import utilization
-from .moe import moe_modules
-from .routing import Routing
+from .moe import collect_routing, moe_modules
+from .routing import update_expert_biases
 from .runtime import device as default_device, progress, seed_everything
 
 __all__ = ["History", "fit", "evaluate", "collect_routing", "set_k", "set_temperature", "router_parameters",
@@ -118,26 +118,6 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, loss_fn=F.cross_entr
     return {"acc": correct / total, "loss": loss_sum / total}
 
 
-@torch.no_grad()
-def collect_routing(model: nn.Module, x: torch.Tensor, ids=None, batch_size: int = 1024, layer: int = 0) -> Routing:
-    """Run ``model`` in eval mode over ``x`` and concatenate the routing of its ``layer``-th MoE module."""
-    mods = moe_modules(model)
-    if not mods:
-        raise ValueError("collect_routing: model contains no MoE module (nothing with last_routing)")
-    check_int("layer", layer, low=0, high=len(mods) - 1, where="collect_routing")
-    dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    parts = []
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(dev)
-        model(xb) if ids is None else model(xb, ids[start : start + batch_size].to(dev))
-        parts.append(mods[layer].last_routing.detach())
-    model.train(was_training)
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return Routing(cat("logits"), cat("probs"), cat("weights"), cat("mask"), cat("dropped"))
-
-
 def fit(
     model: nn.Module,
     train,
@@ -173,6 +153,9 @@ def fit(
         max_steps: stop after this many optimiser steps in total (for quick demos).
         stop_on: what early stopping watches: "test_acc" (higher is better, the default) or
             "test_loss" (lower is better; use it for regression, where there is no accuracy).
+
+    After every optimiser step, every router with auxiliary-loss-free balancing applies one bias
+    step (``update_expert_bias()``) from the load its forwards counted since the last one.
 
     Raises ``FloatingPointError`` naming the step and each loss part if the loss is not finite.
     Same seed, same data, CPU: bit-identical history and weights.
@@ -243,6 +226,9 @@ def fit(
             if clip_grad is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
             opt.step()
+            # Auxiliary-loss-free balancing: one bias step per optimiser step, from the load
+            # every forward since the last one counted.
+            update_expert_biases(model)
             row = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "task": float(task.detach()),
                    "train_acc": correct / seen, **{k: float(v.detach()) for k, v in aux.items()}}
             if grad_norm is not None:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from .._validate import check_int, check_positive_float
 from ..experts import ExpertBank
 from ..moe import moe_modules, total_aux_loss
+from ..routing import update_expert_biases
 from ..train import batches, router_parameters
 
 __all__ = ["detect_collapse", "instability_summary", "expert_gradient_norms", "router_gradient_norm",
@@ -238,6 +239,7 @@ def profile_training(model: nn.Module, data, loss_fn, steps: int = 10, batch_siz
             loss.backward()
         with record_function("optimizer"):
             opt.step()
+            update_expert_biases(model)
 
     for i in range(warmup):
         step(i)

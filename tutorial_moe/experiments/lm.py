@@ -119,9 +119,9 @@ def _make_ffn(cfg: LMConfig) -> nn.Module:
     elif cfg.router == "random":
         router = RandomRouter(cfg.num_experts)
     else:
-        # With k=1 a renormalised weight is always exactly 1 and the gate would get no gradient
-        # from the task; Switch keeps the raw probability as the weight, and so do we.
-        router = TopKRouter(cfg.d_model, cfg.num_experts, cfg.k, normalize=cfg.k > 1)
+        # The default router renormalises only while k > 1: at k=1 a renormalised weight is always
+        # exactly 1 and the gate would get no gradient from the task (Switch keeps the raw probability).
+        router = TopKRouter(cfg.d_model, cfg.num_experts, cfg.k)
     return MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, cfg.k, router=router, losses=cfg.aux_losses)
 
 

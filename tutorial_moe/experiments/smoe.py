@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._validate import check_int, check_positive_float
-from ..moe import MoELayer, _AuxMixin, moe_modules
+from ..moe import AuxLossMixin, MoELayer, moe_modules
 from ..losses import check_loss_weights
 from ..routing import OracleRouter, Routing, TopKRouter
 
@@ -81,7 +81,7 @@ class RandomRouter(nn.Module):
         return Routing(torch.zeros_like(weights), weights, weights, weights.bool(), dropped, choice.unsqueeze(1))
 
 
-class SMoELayer(_AuxMixin, nn.Module):
+class SMoELayer(AuxLossMixin, nn.Module):
     """(..., d_model) -> (..., d_model): one shared FFN, and per token a routed dropout mask.
 
     out = fc2( gelu(fc1(x)) * sum_m weights[t, m] * masks[m] / keep_m ) + b2
@@ -112,7 +112,7 @@ class SMoELayer(_AuxMixin, nn.Module):
         self.keep = keep
         self.register_buffer("masks", make_masks(num_masks, d_hidden, keep, seed=mask_seed, disjoint=disjoint))
         if router == "learned":
-            router = TopKRouter(d_model, num_masks, k, normalize=k > 1)
+            router = TopKRouter(d_model, num_masks, k)  # renormalises only while k > 1
         elif router == "oracle":
             router = OracleRouter(num_masks)
         elif router == "random":

@@ -157,7 +157,7 @@ def dispatch_overhead(d_model: int, d_hidden: int, num_experts: int, k: int, tok
     Times (a) the routing + sort + gather + weighted scatter-add with the experts replaced by the
     identity and (b) the active-dense block; returns both and their ratio.
     """
-    from ..dispatch import _sorted_pairs, combine_pairs
+    from ..dispatch import combine_pairs, sorted_pairs
 
     torch.manual_seed(seed)
     layer = MoELayer(d_model, d_hidden, num_experts, k, losses={})
@@ -168,7 +168,7 @@ def dispatch_overhead(d_model: int, d_hidden: int, num_experts: int, k: int, tok
     def plumbing():
         x.grad = None
         routing = layer.router(x)
-        t_idx, _, w, _ = _sorted_pairs(routing)
+        t_idx, _, w, _ = sorted_pairs(routing)
         xs = x.index_select(0, t_idx)
         combine_pairs(xs, w, t_idx, x.shape[0]).backward(gy)
 
