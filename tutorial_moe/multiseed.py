@@ -39,7 +39,6 @@ Anything else raises ``TypeError`` naming the module.
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -508,9 +507,7 @@ class _SMoE(nn.Module):
         ys = ys.view(S, E, *ys.shape[1:])
         w = weights.transpose(1, 2).unsqueeze(-1).to(ys.dtype)  # (S, E, B, 1)
         out = (w * (_softmax(ys) if self.combine == "probs" else ys)).sum(1)
-        if self.combine == "probs" and not _probs_combine_renormalises():
-            out = out.clamp_min(1e-12).log()
-        elif self.combine == "probs":
+        if self.combine == "probs":
             # MoE's mixture of probabilities, renormalised over the weights each sample kept (a
             # no-op when they sum to 1); a sample that kept no expert gets the uniform distribution.
             total = weights.sum(-1, keepdim=True).to(out.dtype)
@@ -544,25 +541,6 @@ class _SMoE(nn.Module):
                 m.router.k = k
             if hasattr(m.router, "temperature"):
                 m.router.temperature = t
-
-
-@functools.lru_cache(maxsize=None)
-def _probs_combine_renormalises() -> bool:
-    """Whether ``MoE(combine="probs")`` divides the mixture by the total weight each sample kept
-    (the package does since issue 14; before, it returned log(sum_e w_e softmax(y_e)) as is).
-
-    Asked of the package itself, so the stacked model follows whichever version is installed:
-    adding even a zero term to the loss changes the rounding, and Adam can amplify that.
-    """
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        experts = [nn.Linear(1, 2) for _ in range(2)]
-        for e in experts:
-            nn.init.zeros_(e.weight)
-            nn.init.zeros_(e.bias)
-        router = TopKRouter(1, 2, 1, normalize=False)  # weight = raw probability 0.5
-        nn.init.zeros_(router.gate.weight)
-        out = MoE(experts, router, combine="probs").eval()(torch.ones(1, 1))
-    return abs(float(out[0, 0]) - math.log(0.5)) < 1e-4  # renormalised: log 0.5; plain: log 0.25
 
 
 def _stack(modules, share, where, ctx):
