@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from tutorial_moe import MoELayer, TopKRouter
 from tutorial_moe.parallel import (
+    CollectiveTap,
     CommCounter,
     ExpertParallelMoELayer,
     all_to_all_bytes,
@@ -26,6 +27,7 @@ from tutorial_moe.parallel import (
     equivalence_report,
     expert_shard,
     init_distributed,
+    overlap_model,
     run_ranks,
 )
 
@@ -132,8 +134,11 @@ def _worker(scenario_names, collective="c10d"):
         # Bytes: counted from the splits of a forward+backward, summed over ranks.
         ep.comm.reset()
         xg = x_local.clone().requires_grad_(True)
-        ep(xg).sum().backward()
+        with CollectiveTap() as tap:
+            ep(xg).sum().backward()
         out["comm"] = ep.comm.all_reduce()
+        out["tap"] = tap.as_dict()
+        out["tap_restored"] = dist.all_to_all_single is tap._original
         out["tokens_total"] = world * 6
 
         # The package's own report (used by the book) agrees with this file's oracle.
@@ -241,6 +246,22 @@ def test_measured_bytes_match_formula(ranks):
     assert comm["remote_bytes"] == pytest.approx(predicted["remote_bytes"])
     assert comm["counts_bytes"] == predicted["counts_bytes"]
     assert len(set(comm["payload"].values())) == 1  # the four passes carry the same rows
+
+
+def test_tap_measures_the_tensors_the_collectives_carry(ranks):
+    world, results, _ = ranks
+    comm = results[0]["comm"]
+    taps = [r["tap"] for r in results]
+    assert all(r["tap_restored"] for r in results)
+    # one count exchange and four payload all-to-alls (two forward, two backward) per rank
+    assert all(t["calls"] == 5 for t in taps)
+    sent = sum(t["sent_bytes"] for t in taps)
+    assert sent == comm["payload_bytes"] + comm["counts_bytes"]
+    sent_remote = sum(t["sent_remote_bytes"] for t in taps)
+    assert sent_remote == sum(t["received_remote_bytes"] for t in taps)
+    # the counts (E int64 per rank) go to the other ranks for (W-1)/W of them
+    assert sent_remote == comm["remote_bytes"] + comm["counts_bytes"] * (world - 1) // world
+    assert all(t["seconds"] > 0 for t in taps)
 
 
 def test_equivalence_report_agrees(ranks):
@@ -447,3 +468,19 @@ def test_routed_counts_and_drawing():
         routed_counts(router, x, [6, 3])
     with pytest.raises(ValueError, match="not divisible"):
         draw_all_to_all(torch.ones(3, 4))
+
+
+def test_overlap_model_matches_the_pipeline_formula():
+    assert overlap_model(3.0, 2.0) == 5.0
+    assert overlap_model(3.0, 2.0, chunks=2) == pytest.approx(3.0 + 2.0 / 2)
+    assert overlap_model(1.0, 4.0, chunks=4) == pytest.approx(4.0 + 0.25)
+    # more chunks never hurt and approach the longer of the two
+    times = [overlap_model(2.0, 3.0, c) for c in (1, 2, 8, 1000)]
+    assert times == sorted(times, reverse=True) and times[-1] == pytest.approx(3.0, abs=1e-2)
+
+
+@pytest.mark.parametrize("kwargs", [dict(compute_s=-1.0, comm_s=1.0), dict(compute_s=1.0, comm_s="x"),
+                                    dict(compute_s=1.0, comm_s=1.0, chunks=0)])
+def test_overlap_model_refuses_bad_input(kwargs):
+    with pytest.raises((ValueError, TypeError), match="overlap_model"):
+        overlap_model(**kwargs)

@@ -73,3 +73,30 @@ def test_results_saved_before_the_protocol_still_show_their_text():
                                                               "verdict": HOLDS}}}}
     row = next(r for r in verdicts.verdict_table(saved) if r["key"] == "gate_learns_jointly")
     assert row["effect"] == "grad 0.3" and row["verdict"] == HOLDS and row["n"] is None
+
+
+def test_every_register_row_states_what_its_seed_expected():
+    for entry in verdicts.SEED_CLAIMS:
+        assert entry["expected"] in (HOLDS, "shown"), entry
+
+
+def test_closing_paragraph_counts_and_names_the_claims_that_differ():
+    saved = {"05_top_k": {"claims": _saved_claims()}}
+    rows = verdicts.verdict_table(saved)
+    by_key = {r["key"]: r for r in rows}
+    # matthew_effect holds as the seed expected; expert_collapse is not reproduced; a shown
+    # mechanism for a claim the seed asserted agrees with it.
+    assert verdicts.agrees_with_seed(by_key["matthew_effect"]) is True
+    assert verdicts.agrees_with_seed(by_key["expert_collapse"]) is False
+    assert verdicts.agrees_with_seed(by_key["top_k_saves_inference_compute"]) is True
+    assert verdicts.agrees_with_seed(by_key["gate_learns_jointly"]) is None
+    assert [r["key"] for r in verdicts.differs_from_seed(rows)] == ["expert_collapse"]
+    per_seed = verdicts.counts_by_seed(rows)
+    assert list(per_seed) == list(verdicts.SEED_FILES)
+    assert sum(sum(c.values()) for c in per_seed.values()) == len(rows)
+    assert per_seed["000"][HOLDS] == 1
+    text = verdicts.closing_paragraph(rows)
+    assert f"Of the {len(rows)} claims" in text
+    assert "2 of the 3 measured claims" in text
+    assert by_key["expert_collapse"]["claim"] in text
+    assert by_key["matthew_effect"]["claim"] not in text

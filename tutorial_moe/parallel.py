@@ -14,8 +14,11 @@ One forward of :class:`ExpertParallelMoELayer` on a rank's local tokens:
 
 Autograd flows through the collectives (``all_to_all_single_autograd``): the backward of a
 dispatch is a combine-shaped all-to-all of gradients and vice versa, so a training step moves
-the token payload four times. :func:`all_to_all_bytes` predicts that volume and
-:class:`CommCounter` measures it from the split sizes of every call.
+the token payload four times. :func:`all_to_all_bytes` predicts that volume;
+:class:`CommCounter` counts it from the layer's split sizes, and :class:`CollectiveTap`
+measures it independently, from the tensors actually handed to ``dist.all_to_all_single``
+(whatever code called it, backward passes and count exchanges included), with the time
+spent inside the collectives.
 
 This is an existing engine (``torch.distributed``: gloo on CPU, nccl on CUDA) put to work, not
 a home-made transport. :func:`run_ranks` forks ranks on one machine (what the tests and the book
@@ -48,6 +51,7 @@ from .routing import Routing, layer_router
 
 __all__ = [
     "default_backend", "init_distributed", "expert_shard", "ExpertParallelMoELayer", "AllToAll", "CommCounter",
+    "CollectiveTap", "overlap_model",
     "all_to_all_bytes", "routed_counts", "draw_all_to_all", "free_port", "run_ranks", "equivalence_report", "run_demo", "main",
 ]
 
@@ -219,6 +223,87 @@ class CommCounter:
         out["payload_bytes"] = sum(out["payload"].values())
         out["remote_bytes"] = sum(out["remote"].values())
         return out
+
+
+class CollectiveTap:
+    """Measures every ``dist.all_to_all_single`` call made while it is active, from the
+    collective's side: the bytes of the tensor handed to it, per destination rank, and the
+    bytes of the output received from every other rank, plus the seconds spent inside the call.
+
+    It wraps ``torch.distributed.all_to_all_single`` itself (a context manager), so it sees the
+    calls of any code (the forward all-to-alls, the ones autograd makes in backward, the count
+    exchanges) and reads sizes from the tensors, not from the routing that chose them.
+
+    ``sent_bytes``: every byte given to the collective; ``sent_remote_bytes``: those addressed
+    to another rank; ``received_remote_bytes``: bytes that arrived from another rank;
+    ``seconds``: wall time inside the calls (waiting for the slowest rank included).
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.calls = 0
+        self.sent_bytes = 0
+        self.sent_remote_bytes = 0
+        self.received_remote_bytes = 0
+        self.seconds = 0.0
+
+    def _record(self, output, inp, output_split_sizes, input_split_sizes, group, seconds):
+        rank, W = _group_info(group)
+
+        def chunks(t, sizes):
+            sizes = list(sizes) if sizes else [t.shape[0] // W] * W
+            return [c.numel() * c.element_size() for c in t.split(sizes)]
+
+        sent, received = chunks(inp, input_split_sizes), chunks(output, output_split_sizes)
+        self.calls += 1
+        self.sent_bytes += inp.numel() * inp.element_size()
+        self.sent_remote_bytes += sum(b for r, b in enumerate(sent) if r != rank)
+        self.received_remote_bytes += sum(b for r, b in enumerate(received) if r != rank)
+        self.seconds += seconds
+
+    def __enter__(self):
+        self._original = dist.all_to_all_single
+        tap, original = self, self._original
+
+        def tapped(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                   async_op=False):
+            t0 = time.perf_counter()
+            work = original(output, input, output_split_sizes, input_split_sizes, group=group,
+                            async_op=async_op)
+            if async_op:
+                work.wait()
+            tap._record(output, input, output_split_sizes, input_split_sizes, group,
+                        time.perf_counter() - t0)
+            return work
+
+        dist.all_to_all_single = tapped
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_to_all_single = self._original
+        return False
+
+    def as_dict(self) -> dict:
+        return {"calls": self.calls, "sent_bytes": self.sent_bytes,
+                "sent_remote_bytes": self.sent_remote_bytes,
+                "received_remote_bytes": self.received_remote_bytes, "seconds": self.seconds}
+
+
+def overlap_model(compute_s: float, comm_s: float, chunks: int = 1) -> float:
+    """Step time when the all-to-alls overlap the expert computation by splitting the tokens
+    into ``chunks`` pieces sent one after the other (a pipeline: chunk i computes while chunk
+    i+1 travels). ``chunks=1`` is no overlap: compute + comm. In the limit only the longer of
+    the two remains; with c chunks ``max + min / c`` (the pipeline's fill and drain)."""
+    where = "overlap_model"
+    check_int("chunks", chunks, low=1, where=where)
+    for name, v in (("compute_s", compute_s), ("comm_s", comm_s)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{where}: {name} must be a number >= 0, got {v!r}")
+    if chunks == 1:
+        return float(compute_s + comm_s)
+    return float(max(compute_s, comm_s) + min(compute_s, comm_s) / chunks)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -686,8 +771,11 @@ def equivalence_report(layer: MoELayer, x_full: torch.Tensor, splits: list[int],
 
 def run_demo(tokens_per_rank: int = 512, d_model: int = 64, d_hidden: int = 128, num_experts: int = 8, k: int = 2,
              capacity_factor: float | None = None, steps: int = 5, seed: int = 0, backend: str | None = None,
-             timeout_s: float = 60.0) -> dict | None:
-    """One rank's part of the demo: equivalence with a single process, bytes moved, step times.
+             timeout_s: float = 60.0, imbalance_biases=(0.0, 0.05, 0.1, 0.2, 0.4, 10.0)) -> dict | None:
+    """One rank's part of the demo: equivalence with a single process, bytes moved (counted by
+    the layer and measured by a :class:`CollectiveTap`), step times, time in the collectives,
+    and step time against routing imbalance (``imbalance_biases``: selection biases added to
+    rank 0's experts, one timed run each).
 
     Run it on every rank (:func:`run_ranks` or ``torchrun``); rank 0 returns the results, others None.
     """
@@ -704,19 +792,63 @@ def run_demo(tokens_per_rank: int = 512, d_model: int = 64, d_hidden: int = 128,
         ep = ExpertParallelMoELayer.from_moe_layer(layer)
         mine = x_full[rank * tokens_per_rank:(rank + 1) * tokens_per_rank]
         upstream = torch.randn_like(mine)
-        times = []
-        for step in range(steps + 1):  # step 0 warms up and is not timed or counted
-            if step == 1:
-                ep.comm.reset()
-            dist.barrier()
-            t0 = time.perf_counter()
-            xi = mine.detach().requires_grad_(True)
-            (ep(xi) * upstream).sum().backward()
-            ep.reduce_gradients()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        comm = ep.comm.all_reduce(device=device)
+        def timed_steps(n):
+            """n timed training steps after one warm-up; per step: (seconds, seconds in
+            all-to-alls, rows this rank's experts received)."""
+            out = []
+            for step in range(n + 1):  # step 0 warms up and is not timed or counted
+                if step == 1:
+                    ep.comm.reset()
+                    tap.reset()
+                dist.barrier()
+                in_comm = tap.seconds
+                t0 = time.perf_counter()
+                xi = mine.detach().requires_grad_(True)
+                (ep(xi) * upstream).sum().backward()
+                ep.reduce_gradients()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                out.append((time.perf_counter() - t0, tap.seconds - in_comm,
+                            sum(ep.last_splits["recv"])))
+            return out[1:]
+
+        with CollectiveTap() as tap:
+            steps_run = timed_steps(steps)
+            tapped = tap.as_dict()
+            comm = ep.comm.all_reduce(device=device)
+            times = [0.0] + [t for t, _, _ in steps_run]
+            comm_seconds = [c for _, c, _ in steps_run]
+            # Step time against routing imbalance: a selection bias towards rank 0's experts
+            # (the router's expert_bias, as the loss-free balancer uses) sends it more rows.
+            imbalance = []
+            favoured = torch.zeros(num_experts, device=device)
+            favoured[: num_experts // W] = 1.0
+            # The router adds expert_bias to the logits it selects with when its update rate
+            # is positive; nothing here calls update_expert_bias, so the bias stays as set.
+            rate, ep.router.bias_update_rate = ep.router.bias_update_rate, 1e-9
+            for bias in imbalance_biases:
+                ep.router.expert_bias.copy_(bias * favoured)
+                run = timed_steps(steps)
+                rows = torch.tensor([[r for _, _, r in run]], dtype=torch.float64, device=device)
+                secs = torch.tensor([[t for t, _, _ in run], [c for _, c, _ in run]],
+                                    dtype=torch.float64, device=device)
+                all_rows = [torch.empty_like(rows) for _ in range(W)]
+                dist.all_gather(all_rows, rows)
+                dist.all_reduce(secs, op=dist.ReduceOp.MAX)
+                loads = torch.cat(all_rows).mean(1)  # (W,) rows received per step
+                imbalance.append({
+                    "bias": bias, "rows_received": loads.tolist(),
+                    "max_over_mean": float(loads.max() / loads.mean()),
+                    "step_seconds": float(secs[0].median()),
+                    "comm_seconds": float(secs[1].median()),
+                })
+            ep.router.expert_bias.zero_()
+            ep.router.bias_update_rate = rate
+        tap_totals = torch.tensor([tapped["calls"], tapped["sent_bytes"], tapped["sent_remote_bytes"],
+                                   tapped["received_remote_bytes"]], dtype=torch.float64, device=device)
+        dist.all_reduce(tap_totals)
+        comm_per_rank = torch.tensor(comm_seconds, dtype=torch.float64, device=device)
+        dist.all_reduce(comm_per_rank, op=dist.ReduceOp.MAX)
         counts = torch.tensor(ep.last_splits["counts"], device=device)
         all_counts = [torch.empty_like(counts) for _ in range(W)]
         dist.all_gather(all_counts, counts)  # (W, E): what every rank sent to every expert in a step
@@ -757,6 +889,14 @@ def run_demo(tokens_per_rank: int = 512, d_model: int = 64, d_hidden: int = 128,
                 "local_fraction": local_fraction,
                 "counts": torch.stack(all_counts).tolist(),
             },
+            "tapped_per_step": {
+                "calls": tap_totals[0].item() / steps / W,
+                "sent_bytes": tap_totals[1].item() / steps,
+                "sent_remote_bytes": tap_totals[2].item() / steps,
+                "received_remote_bytes": tap_totals[3].item() / steps,
+            },
+            "comm_seconds": sorted(comm_per_rank.tolist())[steps // 2],
+            "imbalance": imbalance,
             "predicted": predicted,
             "predicted_balanced": predicted_balanced,
             "step_seconds": sorted(step_times.tolist())[len(times[1:]) // 2],

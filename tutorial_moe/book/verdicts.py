@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from .evidence import HOLDS, SHOWN
 from .evidence import VERDICTS as EVIDENCE_VERDICTS
 from .results import load_all_results
 
@@ -25,6 +26,10 @@ __all__ = [
     "verdict_table",
     "unregistered_claims",
     "verdict_counts",
+    "counts_by_seed",
+    "agrees_with_seed",
+    "differs_from_seed",
+    "closing_paragraph",
 ]
 
 SEED_FILES = {
@@ -42,97 +47,97 @@ VERDICTS = (*EVIDENCE_VERDICTS, NOT_MEASURED)
 
 SEED_CLAIMS = [
     # seed 000: Brainy
-    {"seed": "000", "chapter": "03_gating", "key": "gate_learns_jointly",
+    {"seed": "000", "chapter": "03_gating", "key": "gate_learns_jointly", "expected": SHOWN,
      "claim": "the gate is learned jointly with the experts, by the same gradient descent"},
-    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "world_of_only_ones",
+    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "world_of_only_ones", "expected": SHOWN,
      "claim": "an expert trained on one digit never learns what that digit is not"},
-    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "gate_does_all_the_work",
+    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "gate_does_all_the_work", "expected": SHOWN,
      "claim": "with one expert per digit and k = 1 the gate does all the real work"},
-    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "per_digit_worse_than_free_experts",
+    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "per_digit_worse_than_free_experts", "expected": HOLDS,
      "claim": "one expert per digit does worse than experts free to choose their own speciality"},
-    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "presupposing_specialisation",
+    {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "presupposing_specialisation", "expected": HOLDS,
      "claim": "assigning digits to experts presupposes a split the network would not choose"},
-    {"seed": "000", "chapter": "05_top_k", "key": "tough_love_beats_helicopter",
+    {"seed": "000", "chapter": "05_top_k", "key": "tough_love_beats_helicopter", "expected": HOLDS,
      "claim": "training with top-k from the start beats training with all experts when inference uses top-k"},
-    {"seed": "000", "chapter": "05_top_k", "key": "helicopter_hamstrung_at_inference",
+    {"seed": "000", "chapter": "05_top_k", "key": "helicopter_hamstrung_at_inference", "expected": HOLDS,
      "claim": "a model trained with all experts is hamstrung when only the top k run at inference"},
-    {"seed": "000", "chapter": "05_top_k", "key": "cold_start_gate_is_random",
+    {"seed": "000", "chapter": "05_top_k", "key": "cold_start_gate_is_random", "expected": HOLDS,
      "claim": "at the start the gate knows nothing, so its first top-k choices are random (cold start)"},
-    {"seed": "000", "chapter": "05_top_k", "key": "cold_start_hurts_tough_love",
+    {"seed": "000", "chapter": "05_top_k", "key": "cold_start_hurts_tough_love", "expected": HOLDS,
      "claim": "top-k training from the first step suffers from that cold start"},
-    {"seed": "000", "chapter": "05_top_k", "key": "matthew_effect",
+    {"seed": "000", "chapter": "05_top_k", "key": "matthew_effect", "expected": HOLDS,
      "claim": "experts that start ahead get more tokens and pull further ahead (Matthew effect)"},
-    {"seed": "000", "chapter": "05_top_k", "key": "expert_collapse",
+    {"seed": "000", "chapter": "05_top_k", "key": "expert_collapse", "expected": HOLDS,
      "claim": "top-k training can collapse onto a subset of experts"},
-    {"seed": "000", "chapter": "05_top_k", "key": "gradual_detachment_beats_tough_love",
+    {"seed": "000", "chapter": "05_top_k", "key": "gradual_detachment_beats_tough_love", "expected": HOLDS,
      "claim": "gradual detachment (k = 6, 5, 4, 3, 3, 3) softens the cold start of tough love"},
-    {"seed": "000", "chapter": "05_top_k", "key": "gradual_detachment_beats_helicopter",
+    {"seed": "000", "chapter": "05_top_k", "key": "gradual_detachment_beats_helicopter", "expected": HOLDS,
      "claim": "gradual detachment prepares the model for top-k inference better than helicopter training"},
-    {"seed": "000", "chapter": "05_top_k", "key": "top_k_saves_inference_compute",
+    {"seed": "000", "chapter": "05_top_k", "key": "top_k_saves_inference_compute", "expected": HOLDS,
      "claim": "running only the top-k experts at inference saves computation (multiply-adds and wall time)"},
-    {"seed": "000", "chapter": "15_fast_moe", "key": "topk_inference_saves_compute",
+    {"seed": "000", "chapter": "15_fast_moe", "key": "topk_inference_saves_compute", "expected": HOLDS,
      "claim": "top-3 of 6 experts at inference takes less time than running all 6 (timed live, fast dispatch)"},
     # seed 001: Single Mixture of Experts
-    {"seed": "001", "chapter": "12_single_moe", "key": "gradient_split",
+    {"seed": "001", "chapter": "12_single_moe", "key": "gradient_split", "expected": SHOWN,
      "claim": "with E experts and top-1 routing each expert sees only 1/E of the data (the gradient is split)"},
-    {"seed": "001", "chapter": "12_single_moe", "key": "common_base",
+    {"seed": "001", "chapter": "12_single_moe", "key": "common_base", "expected": HOLDS,
      "claim": "one shared network with fixed dropout masks keeps a common base that separate experts lack"},
-    {"seed": "001", "chapter": "12_single_moe", "key": "mask_ensemble",
+    {"seed": "001", "chapter": "12_single_moe", "key": "mask_ensemble", "expected": HOLDS,
      "claim": "averaging over dropout masks gives an ensemble effect"},
     # seed 002: from scratch
-    {"seed": "002", "chapter": "08_moe_layer", "key": "gate_smaller_than_experts",
+    {"seed": "002", "chapter": "08_moe_layer", "key": "gate_smaller_than_experts", "expected": SHOWN,
      "claim": "a gate smaller than the experts is enough and keeps the overhead low"},
-    {"seed": "002", "chapter": "08_moe_layer", "key": "temperature_controls_specialisation",
+    {"seed": "002", "chapter": "08_moe_layer", "key": "temperature_controls_specialisation", "expected": HOLDS,
      "claim": "the gate's temperature controls how specialised the routing is"},
-    {"seed": "002", "chapter": "08_moe_layer", "key": "capacity_factor_controls_routing",
+    {"seed": "002", "chapter": "08_moe_layer", "key": "capacity_factor_controls_routing", "expected": SHOWN,
      "claim": "a capacity factor controls how tokens are spread over experts"},
-    {"seed": "002", "chapter": "08_moe_layer", "key": "diversity_loss_diversifies_experts",
+    {"seed": "002", "chapter": "08_moe_layer", "key": "diversity_loss_diversifies_experts", "expected": HOLDS,
      "claim": "an expert-diversity loss makes the experts differ"},
-    {"seed": "002", "chapter": "08_moe_layer", "key": "skip_connection_handles_dropped_tokens",
+    {"seed": "002", "chapter": "08_moe_layer", "key": "skip_connection_handles_dropped_tokens", "expected": SHOWN,
      "claim": "skip connections keep the layer working when experts drop tokens"},
-    {"seed": "002", "chapter": "09_routing_strategies", "key": "routing_strategies_differ",
+    {"seed": "002", "chapter": "09_routing_strategies", "key": "routing_strategies_differ", "expected": SHOWN,
      "claim": "routing strategies (top-k, differentiable, learned thresholds, hierarchical) trade quality, balance and cost"},
-    {"seed": "002", "chapter": "10_debugging", "key": "collapse_is_detectable",
+    {"seed": "002", "chapter": "10_debugging", "key": "collapse_is_detectable", "expected": SHOWN,
      "claim": "expert collapse can be detected from the routing statistics"},
-    {"seed": "002", "chapter": "10_debugging", "key": "moe_beats_dense_equal_active",
+    {"seed": "002", "chapter": "10_debugging", "key": "moe_beats_dense_equal_active", "expected": HOLDS,
      "claim": "an MoE should be compared with a non-MoE baseline at equal active compute, and beat it"},
-    {"seed": "002", "chapter": "10_debugging", "key": "temperature_annealing",
+    {"seed": "002", "chapter": "10_debugging", "key": "temperature_annealing", "expected": HOLDS,
      "claim": "annealing the gate's temperature from soft to sharp trains a better model"},
-    {"seed": "002", "chapter": "10_debugging", "key": "dynamic_capacity",
+    {"seed": "002", "chapter": "10_debugging", "key": "dynamic_capacity", "expected": HOLDS,
      "claim": "adjusting the capacity factor during training reduces dropped tokens"},
-    {"seed": "002", "chapter": "10_debugging", "key": "curriculum",
+    {"seed": "002", "chapter": "10_debugging", "key": "curriculum", "expected": HOLDS,
      "claim": "a curriculum (easy examples first) helps an MoE learn"},
-    {"seed": "002", "chapter": "10_debugging", "key": "gradient_scaling",
+    {"seed": "002", "chapter": "10_debugging", "key": "gradient_scaling", "expected": HOLDS,
      "claim": "scaling up the gradients of rarely used experts keeps them in play"},
-    {"seed": "002", "chapter": "10_debugging", "key": "pruning_costs_little",
+    {"seed": "002", "chapter": "10_debugging", "key": "pruning_costs_little", "expected": SHOWN,
      "claim": "a rarely used expert can be pruned (the quality it costs is measured)"},
-    {"seed": "002", "chapter": "10_debugging", "key": "growth_rebalances",
+    {"seed": "002", "chapter": "10_debugging", "key": "growth_rebalances", "expected": HOLDS,
      "claim": "splitting an overloaded expert spreads its load"},
-    {"seed": "002", "chapter": "10_debugging", "key": "mixture_density_head",
+    {"seed": "002", "chapter": "10_debugging", "key": "mixture_density_head", "expected": HOLDS,
      "claim": "mixture-density outputs model targets with several modes"},
-    {"seed": "002", "chapter": "15_fast_moe", "key": "efficient_routing_matters",
+    {"seed": "002", "chapter": "15_fast_moe", "key": "efficient_routing_matters", "expected": HOLDS,
      "claim": "efficient routing implementations matter"},
-    {"seed": "002", "chapter": "16_expert_parallel", "key": "expert_sharding",
+    {"seed": "002", "chapter": "16_expert_parallel", "key": "expert_sharding", "expected": SHOWN,
      "claim": "experts can be sharded across devices to scale"},
     # seed 003: MoE in LLMs
-    {"seed": "003", "chapter": "03_gating", "key": "soft_moe_saves_compute",
+    {"seed": "003", "chapter": "03_gating", "key": "soft_moe_saves_compute", "expected": HOLDS,
      "claim": "an MoE saves computation by activating only a subset of experts (said of a soft layer)"},
-    {"seed": "003", "chapter": "03_gating", "key": "soft_moe_vs_dense_equal_params",
+    {"seed": "003", "chapter": "03_gating", "key": "soft_moe_vs_dense_equal_params", "expected": HOLDS,
      "claim": "with diverse experts an MoE beats a standard model; without, it is no better"},
-    {"seed": "003", "chapter": "11_moe_language_model", "key": "experts_specialise_in_lm",
+    {"seed": "003", "chapter": "11_moe_language_model", "key": "experts_specialise_in_lm", "expected": HOLDS,
      "claim": "in language models, experts specialise on different slices of the language"},
     # seed 004: two domains
-    {"seed": "004", "chapter": "06_two_domains", "key": "conv_gate_collapses",
+    {"seed": "004", "chapter": "06_two_domains", "key": "conv_gate_collapses", "expected": HOLDS,
      "claim": "the convolutional gate sends every image to one expert"},
-    {"seed": "004", "chapter": "06_two_domains", "key": "dense_gate_splits_domains",
+    {"seed": "004", "chapter": "06_two_domains", "key": "dense_gate_splits_domains", "expected": HOLDS,
      "claim": "the dense gate gives one expert to digits while the other takes both domains"},
-    {"seed": "004", "chapter": "06_two_domains", "key": "moe_underperforms_baseline_on_test",
+    {"seed": "004", "chapter": "06_two_domains", "key": "moe_underperforms_baseline_on_test", "expected": HOLDS,
      "claim": "both MoE models do worse on test than the oracle gate"},
-    {"seed": "004", "chapter": "06_two_domains", "key": "moe_overperforms_baseline_in_training",
+    {"seed": "004", "chapter": "06_two_domains", "key": "moe_overperforms_baseline_in_training", "expected": HOLDS,
      "claim": "both MoE models do better in (accumulated) training accuracy than the oracle gate"},
-    {"seed": "004", "chapter": "07_gate_losses", "key": "entropy_loss_moves_dense_gate",
+    {"seed": "004", "chapter": "07_gate_losses", "key": "entropy_loss_moves_dense_gate", "expected": HOLDS,
      "claim": "the batch + sample entropy loss moves the dense gate"},
-    {"seed": "004", "chapter": "07_gate_losses", "key": "variance_loss_collapses",
+    {"seed": "004", "chapter": "07_gate_losses", "key": "variance_loss_collapses", "expected": HOLDS,
      "claim": "the variance version of the loss collapses onto one expert"},
 ]
 
@@ -159,15 +164,17 @@ def effect_text(saved_claim: dict) -> str:
     return str(saved_claim.get("measured") or saved_claim.get("text") or "")
 
 
-def _row(seed: str, chapter: str, key: str, claim: str, found: dict | None) -> dict:
+def _row(seed: str, chapter: str, key: str, claim: str, found: dict | None,
+         expected: str | None = None) -> dict:
     if found is None:
         return {"seed": seed, "chapter": chapter, "key": key, "claim": claim,
-                "effect": "", "n": None, "verdict": NOT_MEASURED, "note": ""}
+                "effect": "", "n": None, "verdict": NOT_MEASURED, "note": "",
+                "expected": expected}
     n = found.get("n")
     return {"seed": seed, "chapter": chapter, "key": key, "claim": claim,
             "effect": effect_text(found), "n": n if n else None,
             "verdict": str(found.get("verdict") or NOT_MEASURED),
-            "note": str(found.get("note") or "")}
+            "note": str(found.get("note") or ""), "expected": expected}
 
 
 def _saved_claims(saved: dict, chapter: str) -> dict:
@@ -176,13 +183,14 @@ def _saved_claims(saved: dict, chapter: str) -> dict:
 
 def verdict_table(saved: dict | None = None) -> list[dict]:
     """One row per registered seed claim, in register order: seed, chapter, key, claim, effect
-    (mean paired difference and its 95 % interval, or the shown value), n, verdict and note
-    (the scale note of a claim not reproduced at this scale). ``saved`` maps chapter stems to
+    (mean paired difference and its 95 % interval, or the shown value), n, verdict, note
+    (the scale note of a claim not reproduced at this scale) and expected (the seed's own
+    prediction: "holds" for a comparison it asserts, "shown" for a mechanism it describes). ``saved`` maps chapter stems to
     their saved results (default: this build's, from ``load_all_results``)."""
     saved = load_all_results() if saved is None else saved
     return [
         _row(e["seed"], e["chapter"], e["key"], e["claim"],
-             _saved_claims(saved, e["chapter"]).get(e["key"]))
+             _saved_claims(saved, e["chapter"]).get(e["key"]), e.get("expected"))
         for e in SEED_CLAIMS
     ]
 
@@ -207,3 +215,54 @@ def verdict_counts(rows: list[dict]) -> dict[str, int]:
         out[r["verdict"]] = out.get(r["verdict"], 0) + 1
     order = {v: i for i, v in enumerate(VERDICTS)}
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+# The seed asserted every claim it made: a comparison that holds and a mechanism that is shown
+# both say what the seed said, whichever of the two ways a chapter tests it.
+_AGREE = {HOLDS, SHOWN}
+
+
+def agrees_with_seed(row: dict) -> bool | None:
+    """Whether a row's verdict says what its seed predicted (``row["expected"]``); None when
+    the claim was not measured in this build or the row has no prediction."""
+    verdict, expected = row["verdict"], row.get("expected")
+    if verdict == NOT_MEASURED or not expected:
+        return None
+    return verdict == expected or {verdict, expected} <= _AGREE
+
+
+def differs_from_seed(rows: list[dict]) -> list[dict]:
+    """The measured rows whose verdict is not what the seed expected, in table order."""
+    return [r for r in rows if agrees_with_seed(r) is False]
+
+
+def counts_by_seed(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """``{seed: verdict_counts(rows of that seed)}`` for every seed document, in order."""
+    return {seed: verdict_counts([r for r in rows if r["seed"] == seed]) for seed in SEED_FILES}
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {verdict}" for verdict, n in counts.items()) or "none"
+
+
+def closing_paragraph(rows: list[dict]) -> str:
+    """The verdicts page's closing paragraph (Markdown), generated from the table's rows:
+    counts per verdict, counts per seed document, and the claims whose verdict differs from
+    what their seed expected. Nothing in it is typed by hand."""
+    counts = verdict_counts(rows)
+    text = [f"Of the {len(rows)} claims in the register, this build gave: {_counts_text(counts)}."]
+    per_seed = counts_by_seed(rows)
+    text.append("Per seed document: " + "; ".join(
+        f"`{SEED_FILES[seed]}` {_counts_text(c)}" for seed, c in per_seed.items()) + ".")
+    differ = differs_from_seed(rows)
+    agree = sum(agrees_with_seed(r) is True for r in rows)
+    measured = sum(agrees_with_seed(r) is not None for r in rows)
+    text.append(f"{agree} of the {measured} measured claims came out as their seed expected.")
+    if differ:
+        text.append(
+            f"These {len(differ)} did not: "
+            + "; ".join(f"{r['claim']} (seed {r['seed']}, `{r['chapter']}`: {r['verdict']})"
+                        for r in differ) + ".")
+    else:
+        text.append("None of the measured claims came out otherwise.")
+    return " ".join(text)

@@ -19,7 +19,8 @@ from .._validate import check_int
 from ..moe import MoELayer
 
 __all__ = ["ActiveDense", "time_interleaved", "moe_cost", "compare_dispatch", "indexing_in_loop",
-           "gather_speed", "dispatch_overhead", "time_topk_inference"]
+           "gather_speed", "dispatch_overhead", "time_topk_inference", "time_breakdown", "STAGES",
+           "stage_output", "tune_allocator", "machine_load"]
 
 
 class ActiveDense(nn.Module):
@@ -85,7 +86,7 @@ def moe_cost(d_model: int, d_hidden: int, num_experts: int, k: int, expert: str 
 
 
 def compare_dispatch(d_model: int, d_hidden: int, num_experts: int, k: int, tokens: int, modes=("dense", "loop", "sorted"),
-                     expert: str = "mlp", repeats: int = 7, seed: int = 0) -> dict:
+                     expert: str = "mlp", repeats: int = 7, seed: int = 0, warmup: int = 2) -> dict:
     """Forward+backward milliseconds of MoELayer in each dispatch mode and of the active-dense limit."""
     torch.manual_seed(seed)
     layer = MoELayer(d_model, d_hidden, num_experts, k, expert=expert, losses={})
@@ -101,7 +102,7 @@ def compare_dispatch(d_model: int, d_hidden: int, num_experts: int, k: int, toke
         return run
 
     fns = {"active-dense": _fwd_bwd(dense, x, gy), **{m: with_mode(m) for m in modes}}
-    res = time_interleaved(fns, repeats=repeats)
+    res = time_interleaved(fns, repeats=repeats, warmup=warmup)
     base = res["active-dense"]["median_ms"]
     for r in res.values():
         r["x_active_dense"] = r["median_ms"] / base
@@ -242,3 +243,118 @@ def goal_table(bench: dict) -> list[dict]:
                          **{f"{p['variant']} x active-dense": p["x_active_dense"] for p in peers},
                          "ours / best peer": ours["x_best_peer"] if peers else float("nan")})
     return rows
+
+
+#: The stages of one MoE layer's forward + backward that :func:`time_breakdown` times apart.
+STAGES = ("router", "sort", "gather", "experts", "combine")
+
+
+def stage_output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output computed stage by stage, as :func:`time_breakdown` times the stages
+    (router, sort, gather, experts, combine); equal to ``layer(x)`` up to float rounding when the
+    stages are the whole layer (tests/test_speed.py checks it)."""
+    from ..dispatch import combine_pairs, run_sorted_experts, sorted_pairs
+
+    routing = layer.router(x)
+    t_idx, _, w, counts = sorted_pairs(routing)
+    ys = run_sorted_experts(layer.experts, x.index_select(0, t_idx), counts)
+    return combine_pairs(ys, w.to(ys.dtype), t_idx, x.shape[0])
+
+
+def time_breakdown(d_model: int, d_hidden: int, num_experts: int, k: int, tokens: int, expert: str = "mlp",
+                   repeats: int = 5, warmup: int = 1, seed: int = 0) -> dict:
+    """Where an MoE layer's forward + backward time goes, stage by stage, next to the whole
+    layer (default dispatch) and the active-dense limit, all in the same interleaved rounds.
+
+    Each stage runs on inputs prepared beforehand (leaves that require grad), forward and
+    backward: ``router`` (scores, softmax, top-k and their backward), ``sort`` (the argsort of
+    the routed pairs: integers, forward only), ``gather`` (``index_select`` of the tokens and its
+    scatter-add backward), ``experts`` (the fused expert computation the default dispatch runs)
+    and ``combine`` (the weighted scatter-add and its backward). Returns median ms per stage and
+    for ``"layer"`` and ``"active-dense"``, ``"sum of stages"``, ``"mode"`` (what the experts
+    ran as) and ``"experts / active-dense"``: what the ratio would be if all plumbing were free.
+    """
+    from ..dispatch import choose_dispatch, combine_pairs, run_sorted_experts, sorted_pairs
+
+    where = "time_breakdown"
+    for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("num_experts", num_experts),
+                    ("tokens", tokens)):
+        check_int(name, v, low=1, where=where)
+    check_int("k", k, low=1, where=where)
+    torch.manual_seed(seed)
+    layer = MoELayer(d_model, d_hidden, num_experts, k, expert=expert, losses={})
+    dense = ActiveDense(d_model, d_hidden, k, expert)
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    gy = torch.randn(tokens, d_model)
+    with torch.no_grad():
+        routing = layer.router(x)
+        t_idx, e_idx, w, counts = sorted_pairs(routing)
+        xs = x.index_select(0, t_idx)
+        ys = run_sorted_experts(layer.experts, xs, counts)
+    g_route = torch.randn_like(routing.weights)
+    g_rows = torch.randn_like(xs)
+    xs_leaf, ys_leaf = xs.clone().requires_grad_(), ys.clone().requires_grad_()
+    w_leaf = w.clone().requires_grad_()
+
+    def router():
+        x.grad = None
+        layer.router(x).weights.backward(g_route)
+
+    def sort():
+        sorted_pairs(routing)
+
+    def gather():
+        x.grad = None
+        x.index_select(0, t_idx).backward(g_rows)
+
+    def experts():
+        xs_leaf.grad = None
+        run_sorted_experts(layer.experts, xs_leaf, counts).backward(g_rows)
+
+    def combine():
+        ys_leaf.grad = w_leaf.grad = None
+        combine_pairs(ys_leaf, w_leaf, t_idx, tokens).backward(gy)
+
+    def whole():
+        x.grad = None
+        layer(x).backward(gy)
+
+    fns = {"router": router, "sort": sort, "gather": gather, "experts": experts, "combine": combine,
+           "layer": whole, "active-dense": _fwd_bwd(dense, x, gy)}
+    res = time_interleaved(fns, repeats=repeats, warmup=warmup)
+    out = {n: r["median_ms"] for n, r in res.items()}
+    out["sum of stages"] = sum(out[s] for s in STAGES)
+    out["mode"] = choose_dispatch(layer.experts, x)
+    out["experts / active-dense"] = out["experts"] / out["active-dense"]
+    out["layer / active-dense"] = out["layer"] / out["active-dense"]
+    return out
+
+
+# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD.
+_MALLOPT = {"trim_threshold": (-1, 2**31 - 1), "top_pad": (-2, 2**30), "mmap_threshold": (-3, 2**25)}
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in this process (glibc only), as ``benchmarks/bench_dispatch.py`` does
+    with its MALLOC_* variables: otherwise the large intermediates of a dense block are
+    returned to the OS and page-faulted back on every call, which slows the active-dense
+    limit and flatters every MoE measured against it. Returns whether it was applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in _MALLOPT.values())
+
+
+def machine_load() -> dict:
+    """The machine's load while we time: 1-minute load average and CPU count (timings taken
+    under a load above the threads we use are pessimistic)."""
+    import os
+
+    one, _, _ = os.getloadavg()
+    return {"load_1min": one, "cpus": os.cpu_count()}
