@@ -44,6 +44,8 @@ SEED_CLAIMS = [
     # seed 000: Brainy
     {"seed": "000", "chapter": "03_gating", "key": "gate_learns_jointly",
      "claim": "the gate is learned jointly with the experts, by the same gradient descent"},
+    {"seed": "000", "chapter": "03_gating", "key": "most_confident_beats_gate_top1",
+     "claim": "one could choose experts by running all of them and trusting the most confident"},
     {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "world_of_only_ones",
      "claim": "an expert trained on one digit never learns what that digit is not"},
     {"seed": "000", "chapter": "04_one_expert_per_digit", "key": "gate_does_all_the_work",
@@ -64,6 +66,8 @@ SEED_CLAIMS = [
      "claim": "experts that start ahead get more tokens and pull further ahead (Matthew effect)"},
     {"seed": "000", "chapter": "05_top_k", "key": "expert_collapse",
      "claim": "top-k training can collapse onto a subset of experts"},
+    {"seed": "000", "chapter": "05_top_k", "key": "rarely_chosen_expert_underdeveloped",
+     "claim": "an expert that rarely wins is left with an underdeveloped speciality"},
     {"seed": "000", "chapter": "05_top_k", "key": "gradual_detachment_beats_tough_love",
      "claim": "gradual detachment (k = 6, 5, 4, 3, 3, 3) softens the cold start of tough love"},
     {"seed": "000", "chapter": "05_top_k", "key": "gradual_detachment_beats_helicopter",
