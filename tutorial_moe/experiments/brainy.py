@@ -34,6 +34,10 @@ from ..schedules import constant_k, gradual_detachment, k_per_epoch
 from ..train import collect_routing, fit, router_parameters, set_k
 
 __all__ = [
+    "train_regimes_seeds",
+    "SeedsTrace",
+    "most_confident_routing",
+    "expert_accuracy_by_route",
     "count_parameters",
     "macs_per_sample",
     "predict",
