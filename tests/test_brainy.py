@@ -432,3 +432,114 @@ def test_conv_brainy_rejects_bad_sizes():
         brainy.conv_brainy(0)
     with pytest.raises(ValueError, match="image_size=4"):
         brainy.conv_brainy(image_size=4)
+
+
+# ----------------------------------------------------------------------------- several seeds at once (chapters 03-05)
+
+
+def test_train_regimes_seeds_equals_train_regime_per_seed():
+    from tutorial_moe.experiments.brainy import train_regimes_seeds
+
+    train, test = images(96, seed=1), images(32, seed=2)
+    kw = dict(epochs=3, num_experts=4, k=2, hidden=4, image_size=S, batch_size=32, lr=5e-3)
+    together = train_regimes_seeds("gradual", train, test, seeds=[0, 5], probe=test, **kw)
+    for run in together:
+        alone = train_regime("gradual", train, test, seed=run.seed, **kw)
+        assert [e["k"] for e in run.history.epochs] == [4, 3, 2] == [e["k"] for e in alone.history.epochs]
+        for p, q in zip(run.model.parameters(), alone.model.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)  # fused Adam: float rounding only
+        assert run.model.router.k == 2 and sorted(run.at_k) == [1, 2, 3, 4]
+        assert [s["step"] for s in run.snapshots] == [0, len(run.history.steps)]
+    # Same seed, same start: the first snapshot of the untrained gate equals a fresh model's.
+    torch.manual_seed(0)
+    fresh = brainy_moe(4, 4, k=4, image_size=S)
+    assert together[0].snapshots[0]["entropy"] == pytest.approx(routing_summary(fresh, *test)["entropy"])
+
+
+def test_train_regimes_seeds_custom_schedule_balance_and_bad_input():
+    from tutorial_moe.experiments.brainy import train_regimes_seeds
+
+    data = images(32, seed=1)
+    runs = train_regimes_seeds("custom", data, data, seeds=[1, 2], ks=[1, 2], balance=True, num_experts=3,
+                               k=2, hidden=3, image_size=S, batch_size=16)
+    assert [e["k"] for e in runs[0].history.epochs] == [1, 2] and runs[0].label == "custom + balance"
+    assert "switch" in runs[0].history.steps[0]
+    with pytest.raises(ValueError, match="regime"):
+        train_regimes_seeds("nanny", data, data, seeds=[0])
+    with pytest.raises(TypeError, match="balance"):
+        train_regimes_seeds("gradual", data, data, seeds=[0], balance=1)
+    with pytest.raises(ValueError, match=r"ks\[1\]"):
+        train_regimes_seeds("custom", data, data, seeds=[0], ks=[2, 9], num_experts=3, k=2, image_size=S)
+
+
+def test_seeds_trace_records_each_seed_at_the_chosen_steps():
+    from tutorial_moe.experiments.brainy import SeedsTrace
+    from tutorial_moe.multiseed import fit_seeds
+
+    data = images(64, seed=3)
+    models = []
+    for s in (0, 1):
+        torch.manual_seed(s)
+        models.append(brainy_moe(3, 4, image_size=S))
+    trace = SeedsTrace(models, *data, steps=[0, 1, 3])
+    fit_seeds(models, data, seeds=[0, 1], epochs=1, batch_size=16, show_progress=False, callback=trace)
+    assert [[r["step"] for r in rows] for rows in trace.rows] == [[0, 1, 3], [0, 1, 3]]
+    # After the last recorded step the written-back weights are the trained ones.
+    assert trace.rows[0][-1]["entropy"] != trace.rows[0][0]["entropy"]
+    with pytest.raises(ValueError, match="models"):
+        SeedsTrace([], *data, steps=[0])
+
+
+def test_most_confident_routing_oracle():
+    from tutorial_moe.experiments.brainy import most_confident_routing
+
+    class Fixed(nn.Module):  # an "expert" that always outputs the same logits
+        def __init__(self, logits):
+            super().__init__()
+            self.fc = nn.Linear(S * S, 3)
+            with torch.no_grad():
+                self.fc.weight.zero_()
+                self.fc.bias.copy_(torch.tensor(logits))
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    # Expert 0 answers class 0 with confidence ~0.67; expert 1 answers class 2 with ~0.84.
+    experts = [Fixed([1.0, 0.0, 0.0]), Fixed([0.0, 0.0, 2.0])]
+    gate = FlattenGate(S * S, 2)
+    with torch.no_grad():
+        gate.net.weight.zero_()
+        gate.net.weight[0] += 1.0  # the gate prefers expert 0 for any image with ink
+    model = MoE(experts, SoftmaxRouter(None, 2, gate=gate), combine="probs")
+    x = torch.rand(4, 1, S, S) + 0.1
+    y = torch.tensor([0, 0, 2, 1])
+    out = most_confident_routing(model, x, y)
+    assert out["gate_top1"] == 0.5  # always class 0: right on the first two
+    assert out["most_confident"] == 0.25  # always class 2: right on the third
+    assert out["oracle"] == 0.75  # class 1 is nobody's answer
+    assert out["experts_run"] == {"mixture": 2, "gate_top1": 1, "most_confident": 2}
+    assert out["macs"]["most_confident"] == 2 * S * S * 3
+    assert out["macs"]["gate_top1"] == S * S * 2 + S * S * 3
+    with pytest.raises(TypeError, match="MoE"):
+        most_confident_routing(nn.Linear(2, 2), x, y)
+
+
+def test_expert_accuracy_by_route_splits_by_the_gates_pick():
+    from tutorial_moe.experiments.brainy import expert_accuracy_by_route
+
+    torch.manual_seed(0)
+    model = brainy_moe(3, 4, k=1, image_size=S)
+    x, y = images(40, seed=4)
+    rows = expert_accuracy_by_route(model, x, y)
+    top1 = model.router(x).probs.argmax(-1)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    for r in rows:
+        right = (model.experts[r["expert"]](x).argmax(-1) == y).float()
+        mine = top1 == r["expert"]
+        assert r["all"] == pytest.approx(float(right.mean()))
+        if mine.any():
+            assert r["own"] == pytest.approx(float(right[mine].mean()))
+        if (~mine).any():
+            assert r["others"] == pytest.approx(float(right[~mine].mean()))
+    with pytest.raises(TypeError, match="MoE"):
+        expert_accuracy_by_route(nn.Linear(2, 2), x, y)

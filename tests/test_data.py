@@ -538,3 +538,24 @@ def test_script_containment_check_catches_a_foreign_image():
         script.containment(x, y, other, y[:2])
     with pytest.raises(SystemExit, match="another label"):
         script.containment(x, y, x[:1], (y[:1] + 1) % 10)
+
+
+# ------------------------------------------------------------------------------------ chapter 00's grid
+
+
+def test_class_grid_places_each_class_in_its_column():
+    from tutorial_moe.book.grids import class_grid
+
+    d = load_digits("train", limit=50)
+    canvas, labels = class_grid(d, per_class=2)
+    assert canvas.shape == (2 * 30 - 2, 10 * 30 - 2) and labels == [str(i) for i in range(10)]
+    first_three = (d.y == 3).nonzero().flatten()[0]
+    torch.testing.assert_close(canvas[:28, 90:118], 1 - d.x[first_three, 0])
+    assert float(canvas[:, 28:30].min()) == 1.0  # the gap between columns stays blank
+    two = load_two_domains("train", limit=40)
+    _, names = class_grid(two, per_class=1)
+    assert names[10] == "10: T-shirt/top" and len(names) == 20
+    with pytest.raises(ValueError, match="per_class"):
+        class_grid(d, per_class=0)
+    with pytest.raises(TypeError, match="DataSplit"):
+        class_grid(d.x)

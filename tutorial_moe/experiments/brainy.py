@@ -34,6 +34,10 @@ from ..schedules import constant_k, gradual_detachment, k_per_epoch
 from ..train import collect_routing, fit, router_parameters, set_k
 
 __all__ = [
+    "train_regimes_seeds",
+    "SeedsTrace",
+    "most_confident_routing",
+    "expert_accuracy_by_route",
     "count_parameters",
     "macs_per_sample",
     "predict",
@@ -426,6 +430,65 @@ class RoutingTrace:
             self.rows.append(routing_summary(model, self.x, self.y, step))
 
 
+class SeedsTrace:
+    """:class:`RoutingTrace` for ``fit_seeds``: the routing of a probe batch, per seed, at chosen steps.
+
+    ``trace = SeedsTrace(models, x, y, steps=[0, 10, 100])`` records step 0 at once; pass
+    ``callback=trace`` to ``fit_seeds(models, ...)`` and read ``trace.rows[i]`` for seed i.
+    """
+
+    def __init__(self, models, x: torch.Tensor, y: torch.Tensor, steps):
+        self.models = list(models)
+        if not self.models:
+            raise ValueError("SeedsTrace: models is empty; give the list of modules fit_seeds trains")
+        self.x, self.y = x, y
+        self.steps = sorted({check_int("step", int(s), low=0, where="SeedsTrace") for s in steps})
+        self.rows = [[routing_summary(m, x, y, 0)] if 0 in self.steps else [] for m in self.models]
+
+    def __call__(self, rows, stacked) -> None:
+        step = rows[0]["step"] + 1
+        if step in self.steps:
+            stacked.write_back()  # the stacked weights into the seeds' own modules
+            for i, m in enumerate(self.models):
+                self.rows[i].append(routing_summary(m, self.x, self.y, step))
+
+
+@torch.no_grad()
+def most_confident_routing(model: MoE, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """Seed 000's first idea against the learned gate, on a trained MoE of whole-image classifiers.
+
+    Returns the test accuracy of: ``mixture`` (the model as trained, every expert weighted by the
+    gate), ``gate_top1`` (only the gate's favourite expert runs), ``most_confident`` (every expert
+    runs; the one whose top class probability is highest answers) and ``oracle`` (an image counts
+    as right if any expert gets it right: the ceiling of any routing). ``experts_run`` is the
+    number of experts each rule runs per image; ``macs`` the multiply-adds per image.
+    """
+    if not isinstance(model, MoE):
+        raise TypeError(f"most_confident_routing: model must be an MoE, got {type(model).__name__}")
+    was = model.training
+    model.eval()
+    try:
+        probs = model.router(x).probs  # (N, E)
+        outs = torch.stack([expert(x).softmax(-1) for expert in model.experts], 1)  # (N, E, C)
+        mixture = model(x).argmax(-1)
+    finally:
+        model.train(was)
+    rows = torch.arange(len(x))
+    gate_pick = outs[rows, probs.argmax(-1)].argmax(-1)
+    conf_pick = outs[rows, outs.max(-1).values.argmax(-1)].argmax(-1)
+    any_right = (outs.argmax(-1) == y[:, None]).any(1)
+    E = model.num_experts
+    gate_macs = macs_per_sample(model.router.gate, x[:8])
+    expert_macs = macs_per_sample(model.experts[0], x[:8])
+    return {"mixture": float((mixture == y).float().mean()),
+            "gate_top1": float((gate_pick == y).float().mean()),
+            "most_confident": float((conf_pick == y).float().mean()),
+            "oracle": float(any_right.float().mean()),
+            "experts_run": {"mixture": E, "gate_top1": 1, "most_confident": E},
+            "macs": {"mixture": gate_macs + E * expert_macs, "gate_top1": gate_macs + expert_macs,
+                     "most_confident": E * expert_macs}}
+
+
 def train_regime(regime: str, train, test, *, balance: bool = False, seed: int = 0, epochs: int = 6,
                  num_experts: int = 6, k: int = 3, hidden: int = 32, image_size: int = 28, expert: str = "mlp",
                  batch_size: int = 128, lr: float = 2e-3, balance_losses: dict | None = None,
@@ -482,6 +545,80 @@ def _train_moe(regime, ks, train, test, *, balance=False, seed=0, num_experts=6,
         run.at_k = accuracy_at_every_k(model, test)
     set_k(model, k)
     return run
+
+
+def train_regimes_seeds(regime: str, train, test, *, seeds, balance: bool = False, epochs: int = 6,
+                        num_experts: int = 6, k: int = 3, hidden: int = 32, image_size: int = 28,
+                        expert: str = "mlp", batch_size: int = 128, lr: float = 2e-3,
+                        balance_losses: dict | None = None, probe=None, ks=None) -> list[RegimeRun]:
+    """:func:`train_regime` for several seeds at once (one stacked model, ``fit_seeds``).
+
+    Each seed's run equals ``train_regime(regime, ..., seed=s)`` up to float rounding: the same
+    initial weights, the same batch order, the same k schedule. ``ks`` (one k per epoch) replaces
+    the regime's schedule when given (the regime name is then only a label). ``probe=(x, y)``
+    records :func:`routing_summary` of the untrained and of the trained gate (steps 0 and the
+    last) in each run's ``snapshots``. ``seconds`` is the stacked training time shared equally.
+    """
+    from ..multiseed import fit_seeds  # the stacked trainer imports this module's gate
+
+    where = "train_regimes_seeds"
+    check_choice("regime", regime, REGIMES + ("custom",), where=where)
+    if not isinstance(balance, bool):
+        raise TypeError(f"{where}: balance must be a bool, got {type(balance).__name__} {balance!r}")
+    check_int("k", k, low=1, high=num_experts, where=where)
+    if ks is None:
+        schedule = regime_schedule(regime, num_experts, k)
+        ks = [schedule(e) for e in range(epochs)]
+    ks = list(ks)
+    for i, kk in enumerate(ks):
+        check_int(f"ks[{i}]", kk, low=1, high=num_experts, where=where)
+    losses = dict(balance_losses or BALANCE_LOSSES) if balance else None
+    seeds = list(seeds)
+    models = []
+    for s in seeds:
+        torch.manual_seed(s)
+        models.append(brainy_moe(num_experts, hidden, k=ks[0], image_size=image_size, expert=expert,
+                                 losses=losses))
+    first = [None if probe is None else routing_summary(m, probe[0], probe[1], 0) for m in models]
+    out = fit_seeds(models, train, seeds=seeds, epochs=len(ks), batch_size=batch_size, lr=lr,
+                    k_schedule=k_per_epoch(ks), show_progress=False)
+    runs = []
+    for s, m, h, snap in zip(seeds, models, out.histories, first):
+        run = RegimeRun(regime, balance, s, m, h, out.seconds / len(seeds))
+        if probe is not None:
+            run.snapshots = [snap, routing_summary(m, probe[0], probe[1], len(h.steps))]
+        run.at_k = accuracy_at_every_k(m, test)
+        set_k(m, k)
+        runs.append(run)
+    return runs
+
+
+def expert_accuracy_by_route(model: MoE, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """What each expert of a trained top-k ``model`` knows, on its own and on others' images.
+
+    For every expert e: ``share`` of images whose top-1 expert is e, its accuracy alone on those
+    images (``own``) and on the images the gate sends elsewhere (``others``; NaN when there are
+    none) and on all test images (``all``). An expert that rarely wins and scores poorly on
+    others' images has an underdeveloped speciality (seed 000's phrase). Nothing is trained.
+    """
+    if not isinstance(model, MoE):
+        raise TypeError(f"expert_accuracy_by_route: model must be an MoE, got {type(model).__name__}")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            top1 = model.router(x).probs.argmax(-1)
+            rows = []
+            for e, expert in enumerate(model.experts):
+                right = expert(x).argmax(-1) == y
+                mine = top1 == e
+                rows.append({"expert": e, "share": float(mine.float().mean()),
+                             "all": float(right.float().mean()),
+                             "own": float(right[mine].float().mean()) if mine.any() else float("nan"),
+                             "others": float(right[~mine].float().mean()) if (~mine).any() else float("nan")})
+    finally:
+        model.train(was)
+    return rows
 
 
 @torch.no_grad()
