@@ -134,9 +134,11 @@ def dropped_share(model: TinyLM, split, max_windows: int = 64) -> float:
     return 1 - kept / chosen if chosen else 0.0
 
 
-def domain_specialisation(model: TinyLM, split, max_windows: int = 64) -> float:
-    """Normalised mutual information between expert and domain, mean over MoE layers."""
-    per = [specialization(r["mask"], r["domain"]) for r in collect_lm_routing(model, split, max_windows=max_windows)]
+def domain_specialisation(model: TinyLM, split, max_windows: int = 64, routing=None) -> float:
+    """Normalised mutual information between expert and domain, mean over MoE layers
+    (``routing``: the output of ``collect_lm_routing``, to reuse one pass)."""
+    layers = routing if routing is not None else collect_lm_routing(model, split, max_windows=max_windows)
+    per = [specialization(r["mask"], r["domain"]) for r in layers]
     return sum(per) / len(per)
 
 
@@ -202,8 +204,8 @@ class RunResult:
     vio_trace: list = field(default_factory=list)  # MaxVio of layer 0 per training step
 
 
-def _val_max_violation(model: TinyLM, split) -> float:
-    per = [max_violation(r["mask"]) for r in collect_lm_routing(model, split, max_windows=64)]
+def _val_max_violation(layers) -> float:
+    per = [max_violation(r["mask"]) for r in layers]
     return sum(per) / len(per)
 
 
@@ -229,6 +231,7 @@ def run_variant(variant: str, seed: int, split_train, split_val, steps: int, *, 
                  callback=record)
     cpu = time.process_time() - start
     ev = evaluate_lm(model, split_val, domain_names=domain_names)
-    return RunResult(variant, seed, ev["loss"], ev["per_domain"], _val_max_violation(model, split_val),
-                     domain_specialisation(model, split_val), dropped_share(model, split_val), cpu,
-                     active_counts(model), bias_trace, vio_trace)
+    layers = collect_lm_routing(model, split_val, max_windows=64)
+    return RunResult(variant, seed, ev["loss"], ev["per_domain"], _val_max_violation(layers),
+                     domain_specialisation(model, split_val, routing=layers), dropped_share(model, split_val),
+                     cpu, active_counts(model), bias_trace, vio_trace)
