@@ -29,3 +29,26 @@ def test_bench_dispatch_rejects_bad_arguments():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dispatch.py"), "--repeats", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--repeats" in proc.stderr
+
+
+def test_bench_multiseed_quick_runs_and_writes_tables(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_multiseed.py"), "--quick", "--out", str(tmp_path),
+         "--seeds", "3"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "multiseed_cpu_fp32_quick.json").read_text())
+    assert {r["case"] for r in data["rows"]} == {"moe", "dense"}
+    for r in data["rows"]:
+        # the stacked run's seed 0 was checked against fit before anything was timed
+        assert r["max_loss_diff_seed0"] < 1e-3
+        assert r["ratio"] > 0 and r["seeds"] == 3
+        assert sum(r["where_time_goes"]["share"].values()) >= 0.99  # every second is attributed somewhere
+    assert (tmp_path / "multiseed_cpu_fp32_quick.csv").read_text().startswith("case,")
+
+
+def test_bench_multiseed_rejects_bad_arguments():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_multiseed.py"), "--cases", "moe,nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--cases" in proc.stderr

@@ -415,3 +415,20 @@ def test_accuracy_at_every_k_matches_evaluate_and_collect_routing():
         model.router.k = k
         assert out[k]["acc"] == pytest.approx(evaluate(model, test, batch_size=7)["acc"])
         assert out[k]["utilization"] == pytest.approx(utilization(collect_routing(model, test[0]).mask).tolist(), abs=1e-4)
+
+
+def test_conv_brainy_shapes_size_and_cost():
+    net = brainy.conv_brainy(4, 16)
+    x = torch.rand(3, 1, 28, 28)
+    assert net(x).shape == (3, 10)
+    # conv 4 x (5*5 + 1), hidden (4*12*12) x 16 + 16, out 16 x 10 + 10
+    assert brainy.count_parameters(net) == 4 * 26 + 4 * 144 * 16 + 16 + 16 * 10 + 10
+    # every conv weight at 144 positions, each linear weight once
+    assert brainy.macs_per_sample(net, x) == 144 * 4 * 25 + 4 * 144 * 16 + 16 * 10
+
+
+def test_conv_brainy_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="channels=0"):
+        brainy.conv_brainy(0)
+    with pytest.raises(ValueError, match="image_size=4"):
+        brainy.conv_brainy(image_size=4)

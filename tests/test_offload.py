@@ -382,3 +382,21 @@ def test_prefetch_errors():
         RoutingRecorder(TinyModel(), predict_next="yes")
     with pytest.raises(ValueError, match="layer"):
         trace.prediction_recall(0)
+
+
+def test_next_layer_prediction_counts_nothing_for_the_bias():
+    # The look-ahead runs the next router; it must not add to that router's load counter.
+    import torch.nn as nn
+
+    from tutorial_moe import MoELayer
+    from tutorial_moe.offload import RoutingRecorder
+    from tutorial_moe.routing import TopKRouter
+
+    torch.manual_seed(0)
+    layers = nn.Sequential(*[MoELayer(8, 16, 4, 2, router=TopKRouter(8, 4, 2, bias_update_rate=0.1))
+                             for _ in range(2)])
+    layers.train()
+    with RoutingRecorder(layers, predict_next=True):
+        layers(torch.randn(5, 8))
+    # Each router counted exactly its own forward: 5 tokens x k=2 choices.
+    assert [float(m.router.expert_load.sum()) for m in layers] == [10.0, 10.0]

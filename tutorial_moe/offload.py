@@ -218,8 +218,16 @@ class RoutingRecorder:
                 if rows is None:
                     raise RuntimeError(f"RoutingRecorder: predict_next=True needs MoE module {index}'s input as its "
                                        f"first positional argument")
-                with torch.no_grad():
-                    guess = self.modules[index + 1].router(rows).mask.detach().cpu()
+                # A look-ahead, not a routing decision: eval mode, so a noisy router adds no noise
+                # and a bias-balancing router counts nothing towards its next update.
+                router = self.modules[index + 1].router
+                was_training = router.training
+                router.eval()
+                try:
+                    with torch.no_grad():
+                        guess = router(rows).mask.detach().cpu()
+                finally:
+                    router.train(was_training)
             self._pending[index] = (mask.cpu(), guess)
             if len(self._pending) == len(self.modules):
                 n = len(self.modules)

@@ -28,6 +28,7 @@ from .._validate import check_choice, check_int, check_positive_float
 from ..experts import ConvExpert, MLPExpert
 from ..metrics import collapse_report, routing_entropy, specialization, utilization
 from ..moe import MoE
+from ..multiseed import register_stacking
 from ..routing import SoftmaxRouter, TopKRouter
 from ..schedules import constant_k, gradual_detachment, k_per_epoch
 from ..train import collect_routing, fit, router_parameters, set_k
@@ -38,6 +39,7 @@ __all__ = [
     "predict",
     "dense_brainy",
     "dense_width_for",
+    "conv_brainy",
     "FlattenGate",
     "brainy_moe",
     "seed003_soft_moe",
@@ -165,6 +167,27 @@ def dense_width_for(num_params: int, image_size: int = 28, depth: int = 1, num_c
         h += 1
 
 
+def conv_brainy(channels: int = 8, hidden: int = 128, kernel: int = 5, image_size: int = 28,
+                num_classes: int = 10) -> nn.Sequential:
+    """Brainy with one convolution in front (chapter 02): Conv2d(1, channels, kernel, stride 2) -
+    ReLU - flatten - Linear(., hidden) - ReLU - Linear(hidden, 10) logits.
+
+    Still dense in the MoE sense: every weight works on every image. The convolution's few
+    weights are reused at every position of the image, so the network costs more multiply-adds
+    per image than it has parameters (an MoE goes the other way).
+    """
+    where = "conv_brainy"
+    for name, value in (("channels", channels), ("hidden", hidden), ("num_classes", num_classes)):
+        check_int(name, value, low=1, where=where)
+    check_int("kernel", kernel, low=1, where=where)
+    check_int("image_size", image_size, low=kernel, where=where)
+    side = (image_size - kernel) // 2 + 1  # positions of a stride-2 window without padding
+    return nn.Sequential(
+        nn.Conv2d(1, channels, kernel, stride=2), nn.ReLU(), nn.Flatten(),
+        nn.Linear(channels * side * side, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+    )
+
+
 class FlattenGate(nn.Module):
     """A linear gate reading whole images: flatten - bias-free Linear(S*S, E) -> (N, E) logits.
 
@@ -189,6 +212,10 @@ class FlattenGate(nn.Module):
         if x.shape[1] != self.in_features:
             raise ValueError(f"FlattenGate: input has {x.shape[1]} features (shape {tuple(x.shape)}), expected {self.in_features}")
         return self.net(x)
+
+
+# fit_seeds stacks a FlattenGate as what it computes: flatten, then its net.
+register_stacking(FlattenGate, lambda gate: nn.Sequential(nn.Flatten(), gate.net))
 
 
 def brainy_moe(num_experts: int = 6, hidden: int = 32, k: int | None = None, *, image_size: int = 28,
