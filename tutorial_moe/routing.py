@@ -8,7 +8,7 @@ Tensor dimension names used throughout the package:
 
 References: noisy top-k (Shazeer et al., arXiv 1701.06538), Switch (arXiv 2101.03961),
 expert choice (arXiv 2202.09368), hash layers (arXiv 2106.04426), auxiliary-loss-free
-balancing (arXiv 2408.15664), learned per-expert thresholds in the spirit of DynMoE (arXiv 2405.14297).
+balancing (arXiv 2408.15664) with DeepSeek-V3's sigmoid scoring (arXiv 2412.19437), learned per-expert thresholds in the spirit of DynMoE (arXiv 2405.14297).
 """
 from __future__ import annotations
 
@@ -48,10 +48,13 @@ __all__ = [
     "layer_router",
     "update_expert_biases",
     "PRIORITIES",
+    "SCORINGS",
 ]
 
 #: How capacity decides which assignments to drop (see :func:`apply_capacity`).
 PRIORITIES = ("position", "score")
+#: How :class:`TopKRouter` turns logits into affinities.
+SCORINGS = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -61,7 +64,8 @@ class Routing:
     logits  (T, E) raw router scores (after temperature; noisy ones in training if the router adds
             noise), promoted to at least float32 whatever the module's dtype (ST-MoE keeps the
             router in float32)
-    probs   (T, E) softmax of ``logits`` before any top-k (rows sum to 1)
+    probs   (T, E) softmax of ``logits`` before any top-k (rows sum to 1); for
+            ``TopKRouter(scoring="sigmoid")`` the sigmoid affinities normalised per row instead
     weights (T, E) combine weights, 0 wherever the token is not routed (after capacity)
     mask    (T, E) bool, token t is processed by expert e (after capacity)
     dropped (T,)   bool, tokens that lost every expert to capacity
@@ -314,6 +318,18 @@ class TopKRouter(Router):
       into ``expert_load``; :meth:`update_expert_bias` (which ``fit`` calls after every optimiser
       step) applies ``b += u * sign(mean_load - load)`` from everything counted since its last
       call, so gradient accumulation and recomputed forwards do not change the rate.
+    * ``scoring``: how affinities are made from the gate's logits. "softmax" (default) is
+      everything above. "sigmoid" is DeepSeek-V3's (arXiv 2412.19437, eqs. 15-17): each expert's
+      affinity ``s_e = sigmoid(logit_e)`` stands on its own (no competition through a softmax),
+      the top-k is taken of ``s + expert_bias`` (the bias, when ``bias_update_rate > 0``, chooses
+      but never weighs), and the combine weights are the *unbiased* chosen affinities normalised
+      over the chosen experts, ``g_e = s_e / sum_{j chosen} s_j`` (``normalize=None`` or True).
+      ``normalize=False`` keeps the raw ``s_e``. Normalising one chosen affinity gives weight 1
+      whatever the router says, so the task could not train it: sigmoid scoring with k = 1 is
+      refused unless ``normalize=False``. ``Routing.probs`` then holds ``s / sum_e s_e`` (rows
+      sum to 1), the normalised affinities DeepSeek-V3's sequence-wise balance loss averages, so
+      the Switch and importance losses keep their meaning; ``logits`` are the raw gate logits.
+      Noise (``noisy=True``) is softmax-only and refused with "sigmoid".
     * ``k`` and ``temperature`` may be changed between forwards (schedules do this).
 
     The balance signals (``switch``, ``importance`` losses, the bias) read ``routing.chosen``,
@@ -332,17 +348,22 @@ class TopKRouter(Router):
         bias_update_rate: float = 0.0,
         gate: nn.Module | None = None,
         priority: str = "position",
+        scoring: str = "softmax",
     ):
         super().__init__(d_model, num_experts, temperature, gate)
         where = type(self).__name__
-        self.k = k
         if not isinstance(noisy, bool):
             raise TypeError(f"{where}: noisy must be a bool, got {type(noisy).__name__} {noisy!r}")
         if normalize is not None and not isinstance(normalize, bool):
             raise TypeError(f"{where}: normalize must be None (decide from k at each forward) or a bool, "
                             f"got {type(normalize).__name__} {normalize!r}")
+        self.scoring = check_choice("scoring", scoring, SCORINGS, where=where)
+        if scoring == "sigmoid" and noisy:
+            raise ValueError(f"{where}: noisy=True with scoring='sigmoid' is not supported (noisy top-k and its "
+                             f"smooth load are defined for softmax scores); use scoring='softmax' or noisy=False")
         self.noisy = noisy
         self.normalize = normalize
+        self.k = k
         self.capacity_factor = check_capacity_factor(capacity_factor, where=where)
         self.priority = check_choice("priority", priority, PRIORITIES, where=where)
         self.bias_update_rate = check_positive_float("bias_update_rate", bias_update_rate, where=where, allow_zero=True)
@@ -365,11 +386,20 @@ class TopKRouter(Router):
 
     @k.setter
     def k(self, value):
-        self._k = check_int("k", value, low=1, high=self.num_experts, where=type(self).__name__)
+        where = type(self).__name__
+        value = check_int("k", value, low=1, high=self.num_experts, where=where)
+        if value == 1 and getattr(self, "scoring", "softmax") == "sigmoid" and self.normalize is not False:
+            raise ValueError(f"{where}: k=1 with scoring='sigmoid' normalises one affinity to weight 1 for every "
+                             f"token, so the task loss cannot train the router; use k >= 2, or normalize=False "
+                             f"(weight = the raw sigmoid affinity)")
+        self._k = value
 
     def renormalizes(self) -> bool:
-        """Whether the next forward rescales the chosen weights to sum to 1 (see ``normalize``)."""
-        return self.k > 1 if self.normalize is None else self.normalize
+        """Whether the next forward rescales the chosen weights to sum to 1 (see ``normalize``;
+        sigmoid scoring renormalises at every k unless ``normalize=False``)."""
+        if self.normalize is None:
+            return self.scoring == "sigmoid" or self.k > 1
+        return self.normalize
 
     def _apply(self, fn, *args, **kwargs):
         # .half()/.bfloat16()/.to(dtype) would round the bias: updates of 1e-3 vanish next to a
@@ -387,6 +417,7 @@ class TopKRouter(Router):
             f"num_experts={self.num_experts}, k={self.k}, noisy={self.noisy}, temperature={self.temperature}, "
             f"capacity_factor={self.capacity_factor}, normalize={self.normalize}, bias_update_rate={self.bias_update_rate}"
             + (f", priority={self.priority!r}" if self.priority != "position" else "")
+            + (f", scoring={self.scoring!r}" if self.scoring != "softmax" else "")
         )
 
     @torch.no_grad()
@@ -422,13 +453,19 @@ class TopKRouter(Router):
             # A custom gate may read images (N, C, H, W); the noise network reads them flattened.
             noise_std = F.softplus(self.noise(x.flatten(1) if x.dim() > 2 else x)).to(clean.dtype) / self.temperature
             logits = clean + torch.randn_like(clean) * noise_std
-        probs = logits.softmax(-1)
-
-        select = logits.detach()
+        if self.scoring == "sigmoid":
+            affinity = torch.sigmoid(logits)  # (T, E), each in (0, 1), no softmax competition
+            # Normalised affinities: what DeepSeek-V3's sequence-wise balance loss averages, and
+            # rows that sum to 1 like softmax ones, so the Switch/importance losses still apply.
+            probs = affinity / affinity.sum(-1, keepdim=True)
+            select = affinity.detach()
+        else:
+            probs = affinity = logits.softmax(-1)
+            select = logits.detach()
         if self.bias_update_rate > 0:
-            select = select + self.expert_bias  # selection only: the weights below read `probs`
+            select = select + self.expert_bias  # selection only: the weights below read `affinity`
         indices = top_indices(select, k)  # (T, k), best first
-        chosen = probs.gather(1, indices)
+        chosen = affinity.gather(1, indices)
         if self.renormalizes():
             chosen = chosen / chosen.sum(-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(1, indices, chosen)
