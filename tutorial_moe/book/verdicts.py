@@ -105,8 +105,10 @@ SEED_CLAIMS = [
      "claim": "an MoE saves computation by activating only a subset of experts (said of a soft layer)"},
     {"seed": "003", "chapter": "03_gating", "key": "soft_moe_vs_dense_equal_params",
      "claim": "with diverse experts an MoE beats a standard model; without, it is no better"},
+    {"seed": "003", "chapter": "11_moe_language_model", "key": "moe_beats_equal_active_dense",
+     "claim": "activating only a subset of experts lets a language model outgrow a dense one of the same compute"},
     {"seed": "003", "chapter": "11_moe_language_model", "key": "experts_specialise_in_lm",
-     "claim": "in language models, experts specialise on different slices of the language"},
+     "claim": "in language models, experts specialise on different slices of the language (here: domains, beyond what the kind of character explains)"},
     # seed 004: two domains
     {"seed": "004", "chapter": "06_two_domains", "key": "conv_gate_collapses",
      "claim": "the convolutional gate sends every image to one expert"},
