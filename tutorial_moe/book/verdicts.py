@@ -77,6 +77,8 @@ SEED_CLAIMS = [
      "claim": "with E experts and top-1 routing each expert sees only 1/E of the data (the gradient is split)"},
     {"seed": "001", "chapter": "12_single_moe", "key": "common_base",
      "claim": "one shared network with fixed dropout masks keeps a common base that separate experts lack"},
+    {"seed": "001", "chapter": "12_single_moe", "key": "experts_relearn_common",
+     "claim": "separate experts each relearn what all inputs share (grammar in every expert)"},
     {"seed": "001", "chapter": "12_single_moe", "key": "mask_ensemble",
      "claim": "averaging over dropout masks gives an ensemble effect"},
     # seed 002: from scratch
