@@ -274,7 +274,9 @@ def train_lm(model: TinyLM, split: TextSplit, steps: int, *, batch_size: int = 3
     gen = seed_everything(seed)
     x, y, d = sample_batch(split, steps * batch_size, model.cfg.context, generator=gen, domain_weights=domain_weights)
     dev = next(model.parameters()).device
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # foreach: one fused update over all parameters instead of a Python loop over ~40 small
+    # tensors (about 8 % of a CPU step here); the result is the same.
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     mods = moe_modules(model)
     hist = History()
     bar = progress(total=steps, desc="training", disable=not show_progress)
@@ -296,7 +298,7 @@ def train_lm(model: TinyLM, split: TextSplit, steps: int, *, batch_size: int = 3
         row = {"step": step, "loss": float(loss.detach()), "task": float(task.detach()), "lr": rate,
                **{k: float(v.detach()) for k, v in aux.items()}}
         if clip_grad is not None:
-            row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad))
+            row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad, foreach=True))
         opt.step()
         update_expert_biases(model)
         if mods and log_utilization:
