@@ -130,3 +130,14 @@ def test_code_comes_from_the_standard_library_even_if_a_local_file_shadows_a_mod
     monkeypatch.chdir(tmp_path)
     text = code_text(modules=("bisect",))
     assert "not the standard library" not in text and "def insort" in text
+
+
+def test_build_corpus_bounds_the_arithmetic_operands():
+    import re
+
+    from tutorial_moe.experiments.corpus import build_corpus
+
+    corpus = build_corpus(chars_per_domain=2000, seed=0, max_operand=5)
+    lines = corpus.train.text(2, max_chars=2000).split("\n")[1:-1]
+    operands = [int(x) for line in lines for x in re.match(r"(\d+)[+*-](\d+)=", line).groups()]
+    assert operands and max(operands) <= 5 and "operands 0..5" in corpus.info

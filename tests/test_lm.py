@@ -181,3 +181,82 @@ def test_evaluate_lm_window_losses_average_to_the_domain_losses(corpus):
     assert res["window_loss"].shape == (12,) and res["window_domain"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     for i, name in enumerate(DOMAINS):
         assert float(res["window_loss"][res["window_domain"] == i].mean()) == pytest.approx(res["per_domain"][name])
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    from tutorial_moe.experiments.lm import lr_at
+
+    rates = [lr_at(s, 100, 1.0, "cosine", warmup=10, min_lr_ratio=0.1) for s in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert rates[10] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # monotone after warm-up
+    assert lr_at(50, 100, 2.0) == 2.0  # constant by default
+
+
+def test_train_lm_records_the_schedule_and_rejects_bad_values(corpus):
+    model = TinyLM(TINY)
+    hist = train_lm(model, corpus.train, 6, batch_size=2, lr=1e-2, schedule="cosine", warmup=2,
+                    show_progress=False)
+    assert [round(r, 6) for r in hist.series("lr")[:2]] == [0.005, 0.01] and hist.series("lr")[-1] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="schedule"):
+        train_lm(model, corpus.train, 3, schedule="linear", show_progress=False)
+    with pytest.raises(ValueError, match="warmup"):
+        train_lm(model, corpus.train, 3, warmup=4, show_progress=False)
+
+
+def test_train_many_equals_sequential_training_whatever_the_workers(corpus):
+    from tutorial_moe.experiments.lm import train_many
+
+    jobs = [("moe", TINY.replace(ffn="moe"), 0), ("dense", TINY, 1)]
+    kw = dict(batch_size=4, lr=1e-2, show_progress=False)
+    par = train_many(jobs, corpus.train, 5, val=corpus.val, workers=2, **kw)
+    seq = train_many(jobs, corpus.train, 5, val=corpus.val, workers=1, **kw)
+    torch.manual_seed(0)
+    alone = TinyLM(jobs[0][1])
+    hist = train_lm(alone, corpus.train, 5, seed=0, **kw)
+    assert par[0]["history"].series("loss") == seq[0]["history"].series("loss") == hist.series("loss")
+    for p, q in zip(par[0]["model"].parameters(), alone.parameters()):
+        assert torch.equal(p, q)
+    assert par[1]["evaluation"]["loss"] == seq[1]["evaluation"]["loss"]
+    with pytest.raises(ValueError, match="jobs"):
+        train_many([("x", "not a config", 0)], corpus.train, 5)
+
+
+def test_shuffle_within_keeps_each_groups_counts_and_only_them():
+    from tutorial_moe.experiments.lm import shuffle_within
+
+    g = torch.Generator().manual_seed(0)
+    groups = torch.randint(3, (300,), generator=g)
+    # A routing that follows a hidden label beyond the group: shuffling within groups must keep
+    # the per-group expert counts exactly and wipe out the hidden label's information.
+    hidden = torch.randint(2, (300,), generator=g)
+    mask = F.one_hot(2 * hidden + (groups > 0).long(), 4).bool()
+    shuffled = shuffle_within(mask, groups, generator=g)
+    for k in range(3):
+        assert torch.equal(mask[groups == k].sum(0), shuffled[groups == k].sum(0))
+    assert specialization(mask, hidden) > 0.5 > 0.05 > specialization(shuffled, hidden)
+    with pytest.raises(ValueError, match="groups"):
+        shuffle_within(mask, torch.zeros(5, dtype=torch.long))
+
+
+def test_arithmetic_accuracy_scores_an_oracle_and_a_wrong_model(corpus):
+    from tutorial_moe.experiments.lm import arithmetic_accuracy
+
+    model = TinyLM(TINY)
+    res = arithmetic_accuracy(model, corpus.val, num_problems=5)
+    assert res["problems"] == 5 and 0 <= res["correct"] <= 5
+    assert sum(n for _, n in res["by_operator"].values()) == 5
+    q, given, truth = res["examples"][0]
+    assert q.endswith("=") and str(eval(q[:-1])) == truth  # the true answer is the arithmetic's
+
+
+def test_shared_expert_lm_counts_its_shared_expert_as_active():
+    cfg = TINY.replace(ffn="shared", d_hidden=8, shared_hidden=8, num_experts=3, router="oracle")
+    model = TinyLM(cfg)
+    counts = parameter_counts(model)
+    dense = parameter_counts(TinyLM(TINY.replace(ffn="dense", d_hidden=16)))
+    # Active: shared (8 units) + one routed expert (8 units) = a dense layer of 16 units, up to
+    # the second output bias each expert bank carries (d_model per layer).
+    assert counts["active"] == dense["active"] + TINY.n_layers * TINY.d_model
+    x, d = batch()
+    assert model(x, d).shape == (3, 16, 96)

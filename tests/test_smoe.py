@@ -180,3 +180,46 @@ def test_subnetwork_reach_of_the_rare_domain():
     assert subnetwork_reach(f, r, 1) == pytest.approx(expected)
     with pytest.raises(ValueError, match="expert=3"):
         subnetwork_reach(f, r, 3)
+
+
+def test_linear_cka_oracle_properties():
+    from tutorial_moe.experiments.smoe import linear_cka
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0)  # rotation and scale: the same
+    assert linear_cka(x, x + 5.0) == pytest.approx(1.0)  # centring removes offsets
+    assert linear_cka(x, torch.randn(200, 6, generator=g)) < 0.15  # unrelated: near 0
+    # A hand computation on a small case: CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F).
+    a, b = torch.randn(7, 2, generator=g).double(), torch.randn(7, 3, generator=g).double()
+    a0, b0 = a - a.mean(0), b - b.mean(0)
+    expected = (b0.T @ a0).norm() ** 2 / ((a0.T @ a0).norm() * (b0.T @ b0).norm())
+    assert linear_cka(a, b) == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match="same N"):
+        linear_cka(x, x[:10])
+    with pytest.raises(ValueError, match="constant"):
+        linear_cka(x, torch.ones(200, 2))
+
+
+def test_expert_hidden_matches_the_layers_own_computation():
+    from tutorial_moe.experiments.smoe import expert_hidden, ffn_inputs
+
+    model = TinyLM(LMConfig(context=8, d_model=8, n_layers=1, n_heads=2, ffn="moe", d_hidden=6,
+                            num_experts=3, router="oracle"))
+    tokens = torch.randint(96, (2, 8))
+    doms = torch.randint(3, (2, 8))
+    x = ffn_inputs(model, tokens, doms)
+    assert x.shape == (16, 8)
+    layer = ffn_modules(model)[0]
+    hidden = expert_hidden(layer, x)
+    bank = layer.experts
+    routed = layer(x, doms.reshape(-1))
+    for t in range(16):
+        e = int(doms.reshape(-1)[t])
+        # An oracle route has weight 1: the layer's output is the expert's second layer applied
+        # to exactly this hidden vector.
+        torch.testing.assert_close(routed[t], hidden[e][t] @ bank.w2[e] + bank.b2[e])
+    smoe = SMoELayer(8, 12, 3, keep=0.5)
+    parts = expert_hidden(smoe, x)
+    assert [p.shape[1] for p in parts] == smoe.masks.sum(1).tolist()

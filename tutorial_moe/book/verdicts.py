@@ -86,6 +86,8 @@ SEED_CLAIMS = [
      "claim": "with E experts and top-1 routing each expert sees only 1/E of the data (the gradient is split)"},
     {"seed": "001", "chapter": "12_single_moe", "key": "common_base", "expected": HOLDS,
      "claim": "one shared network with fixed dropout masks keeps a common base that separate experts lack"},
+    {"seed": "001", "chapter": "12_single_moe", "key": "experts_relearn_common", "expected": HOLDS,
+     "claim": "separate experts each relearn what all inputs share (grammar in every expert)"},
     {"seed": "001", "chapter": "12_single_moe", "key": "mask_ensemble", "expected": HOLDS,
      "claim": "averaging over dropout masks gives an ensemble effect"},
     # seed 002: from scratch
@@ -128,8 +130,10 @@ SEED_CLAIMS = [
      "claim": "an MoE saves computation by activating only a subset of experts (said of a soft layer)"},
     {"seed": "003", "chapter": "03_gating", "key": "soft_moe_vs_dense_equal_params", "expected": HOLDS,
      "claim": "with diverse experts an MoE beats a standard model; without, it is no better"},
+    {"seed": "003", "chapter": "11_moe_language_model", "key": "moe_beats_equal_active_dense", "expected": HOLDS,
+     "claim": "activating only a subset of experts lets a language model outgrow a dense one of the same compute"},
     {"seed": "003", "chapter": "11_moe_language_model", "key": "experts_specialise_in_lm", "expected": HOLDS,
-     "claim": "in language models, experts specialise on different slices of the language"},
+     "claim": "in language models, experts specialise on different slices of the language (here: domains, beyond what the kind of character explains)"},
     # seed 004: two domains
     {"seed": "004", "chapter": "06_two_domains", "key": "conv_gate_collapses", "expected": HOLDS,
      "claim": "the convolutional gate sends every image to one expert"},

@@ -177,8 +177,12 @@ class Corpus:
     info: str = ""
 
 
-def build_corpus(chars_per_domain: int = 150_000, val_fraction: float = 0.1, seed: int = 0) -> Corpus:
+def build_corpus(chars_per_domain: int = 150_000, val_fraction: float = 0.1, seed: int = 0,
+                 max_operand: int = 99) -> Corpus:
     """The three-domain corpus, ``chars_per_domain`` characters from each domain.
+
+    ``max_operand`` bounds the arithmetic's operands (see :func:`arithmetic_text`): 99 gives sums
+    and products a small model cannot learn in minutes, 20 gives a table it can.
 
     Deterministic given ``seed`` (it drives the arithmetic and which stretch of the prose and code
     is used when there is more text than needed). Each domain's last ``val_fraction`` is validation.
@@ -192,7 +196,7 @@ def build_corpus(chars_per_domain: int = 150_000, val_fraction: float = 0.1, see
     rng = random.Random(seed)
     texts = []
     for name, text in (("prose", prose_text()), ("code", code_text()),
-                       ("math", arithmetic_text(chars_per_domain, seed=seed))):
+                       ("math", arithmetic_text(chars_per_domain, seed=seed, max_operand=max_operand))):
         if len(text) > chars_per_domain:
             start = rng.randrange(len(text) - chars_per_domain + 1)
             text = text[start:start + chars_per_domain]
@@ -214,7 +218,8 @@ def build_corpus(chars_per_domain: int = 150_000, val_fraction: float = 0.1, see
         return TextSplit(tokens, domains, spans)
 
     sizes = ", ".join(f"{DOMAINS[d]} {len(t):,}" for d, t in enumerate(texts))
-    info = f"offline corpus from this Python install (chars per domain: {sizes}; seed {seed})"
+    info = (f"offline corpus from this Python install (chars per domain: {sizes}; seed {seed}; "
+            f"operands 0..{max_operand})")
     return Corpus(join(parts["train"]), join(parts["val"]), DOMAINS, info)
 
 

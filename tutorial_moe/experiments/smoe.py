@@ -30,6 +30,7 @@ from ..losses import check_loss_weights
 from ..routing import OracleRouter, Routing, TopKRouter
 
 __all__ = ["make_masks", "SMoELayer", "RandomRouter", "ForcedRouter", "route_override", "mask_ensemble", "gradient_reach",
+           "linear_cka", "ffn_inputs", "expert_hidden",
            "reach_summary", "unit_reach", "subnetwork_reach"]
 
 _DEFAULT_LOSSES = {"switch": 0.01}
@@ -341,3 +342,60 @@ def reach_summary(model: nn.Module, reach: list[dict], steps: int | None = None,
             row["token_updates_per_unit"] = float(u.mean()) * steps * tokens_per_step
         rows.append(row)
     return rows
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment of two representations of the same N inputs (Kornblith et
+    al., arXiv 1905.00414): x (N, p), y (N, q) -> a number in [0, 1].
+
+    1 when y is an orthogonal transform of x times a scale (the same representation up to rotation
+    and size), near 0 for unrelated ones. Invariant to rotations and isotropic scaling but not to
+    arbitrary linear maps, which is what makes it a measure of *shared* structure.
+    """
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"linear_cka: {name} must be an (N, features) tensor, got "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    if x.shape[0] != y.shape[0] or x.shape[0] < 2:
+        raise ValueError(f"linear_cka: x and y need the same N >= 2 rows, got {x.shape[0]} and {y.shape[0]}")
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    cross = (y.T @ x).square().sum()
+    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    if norm == 0:
+        raise ValueError("linear_cka: a representation is constant over the inputs; CKA is undefined")
+    return float(cross / norm)
+
+
+@torch.no_grad()
+def ffn_inputs(model: nn.Module, tokens: torch.Tensor, domains=None, layer: int = 0) -> torch.Tensor:
+    """The vectors the feed-forward layer of block ``layer`` receives (after its LayerNorm) for
+    ``tokens`` (B, T): (B*T, d_model)."""
+    from .lm import ffn_modules
+
+    ffns = ffn_modules(model)
+    check_int("layer", layer, low=0, high=len(ffns) - 1, where="ffn_inputs")
+    seen = []
+    handle = ffns[layer].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        model(tokens, domains)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+@torch.no_grad()
+def expert_hidden(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each route's hidden representation of the same tokens x (N, d_model): for an MoE layer,
+    gelu(x W1_e + b1_e) of every expert e, (N, h) each; for an sMoE layer, the shared hidden layer
+    restricted to each mask's units, (N, kept_e) each."""
+    if isinstance(module, MoELayer):
+        bank = module.experts
+        return [F.gelu(x @ bank.w1[e] + bank.b1[e]) for e in range(module.num_experts)]
+    if isinstance(module, SMoELayer):
+        hidden = F.gelu(module.fc1(x))
+        return [hidden[:, m] for m in module.masks]
+    raise ValueError(f"expert_hidden: module must be an MoELayer or SMoELayer, got {type(module).__name__}")
