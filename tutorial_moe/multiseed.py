@@ -53,7 +53,7 @@ from .losses import compute_aux_losses
 from .moe import MoE, moe_modules
 from .routing import OracleRouter, Routing, SoftmaxRouter, TopKRouter, _smooth_load
 from .runtime import device as default_device, progress
-from .train import History, _as_tensors
+from .train import History, check_fit_arguments
 
 __all__ = ["StackedModel", "SeedRuns", "fit_seeds", "stack_models", "register_stacking"]
 
@@ -792,25 +792,9 @@ def fit_seeds(
     else:
         raise TypeError(f"{where}: model must be a function make_model() or a list of modules, "
                         f"got {type(model).__name__}")
-    train = _as_tensors(train, where, "train")
-    if test is not None:
-        test = _as_tensors(test, where, "test")
-    check_int("epochs", epochs, low=1, where=where)
-    check_int("batch_size", batch_size, low=1, where=where)
-    check_positive_float("lr", lr, where=where)
-    if gate_lr is not None:
-        check_positive_float("gate_lr", gate_lr, where=where)
-    if clip_grad is not None:
-        check_positive_float("clip_grad", clip_grad, where=where)
-    if early_stopping is not None:
-        check_int("early_stopping", early_stopping, low=1, where=where)
-        if test is None:
-            raise ValueError(f"{where}: early_stopping={early_stopping} needs test data to watch, but test=None; "
-                             "pass test=(x, y)")
-    if stop_on not in ("test_acc", "test_loss"):
-        raise ValueError(f"{where}: stop_on={stop_on!r} is unknown; choose 'test_acc' or 'test_loss'")
-    if max_steps is not None:
-        check_int("max_steps", max_steps, low=1, where=where)
+    train, test = check_fit_arguments(where, train, test, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      gate_lr=gate_lr, clip_grad=clip_grad, early_stopping=early_stopping,
+                                      stop_on=stop_on, max_steps=max_steps)
     if callback is not None and not callable(callback):
         raise TypeError(f"{where}: callback must be callable (rows, stacked) or None, got {type(callback).__name__}")
     k_scheds = _schedules("k_schedule", k_schedule, S, where)

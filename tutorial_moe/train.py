@@ -22,7 +22,7 @@ from .moe import collect_routing, moe_modules
 from .routing import update_expert_biases
 from .runtime import device as default_device, progress, seed_everything
 
-__all__ = ["History", "fit", "evaluate", "collect_routing", "set_k", "set_temperature", "router_parameters",
+__all__ = ["History", "fit", "check_fit_arguments", "evaluate", "collect_routing", "set_k", "set_temperature", "router_parameters",
            "save_checkpoint", "load_checkpoint", "batches"]
 
 
@@ -118,6 +118,31 @@ def evaluate(model: nn.Module, data, batch_size: int = 512, loss_fn=F.cross_entr
     return {"acc": correct / total, "loss": loss_sum / total}
 
 
+def check_fit_arguments(where: str, train, test, *, epochs, batch_size, lr, gate_lr, clip_grad, early_stopping,
+                        stop_on, max_steps):
+    """The argument checks ``fit`` and its multi-seed sibling share; returns (train, test) as tensor tuples."""
+    train = _as_tensors(train, where, "train")
+    if test is not None:
+        test = _as_tensors(test, where, "test")
+    check_int("epochs", epochs, low=1, where=where)
+    check_int("batch_size", batch_size, low=1, where=where)
+    check_positive_float("lr", lr, where=where)
+    if gate_lr is not None:
+        check_positive_float("gate_lr", gate_lr, where=where)
+    if clip_grad is not None:
+        check_positive_float("clip_grad", clip_grad, where=where)
+    if early_stopping is not None:
+        check_int("early_stopping", early_stopping, low=1, where=where)
+        if test is None:
+            raise ValueError(f"{where}: early_stopping={early_stopping} needs test data to watch, but test=None; "
+                             "pass test=(x, y)")
+    if stop_on not in ("test_acc", "test_loss"):
+        raise ValueError(f"{where}: stop_on={stop_on!r} is unknown; choose 'test_acc' or 'test_loss'")
+    if max_steps is not None:
+        check_int("max_steps", max_steps, low=1, where=where)
+    return train, test
+
+
 def fit(
     model: nn.Module,
     train,
@@ -160,26 +185,9 @@ def fit(
     Raises ``FloatingPointError`` naming the step and each loss part if the loss is not finite.
     Same seed, same data, CPU: bit-identical history and weights.
     """
-    where = "fit"
-    train = _as_tensors(train, where, "train")
-    if test is not None:
-        test = _as_tensors(test, where, "test")
-    check_int("epochs", epochs, low=1, where=where)
-    check_int("batch_size", batch_size, low=1, where=where)
-    check_positive_float("lr", lr, where=where)
-    if gate_lr is not None:
-        check_positive_float("gate_lr", gate_lr, where=where)
-    if clip_grad is not None:
-        check_positive_float("clip_grad", clip_grad, where=where)
-    if early_stopping is not None:
-        check_int("early_stopping", early_stopping, low=1, where=where)
-        if test is None:
-            raise ValueError(f"fit: early_stopping={early_stopping} needs test data to watch, but test=None; "
-                             "pass test=(x, y)")
-    if stop_on not in ("test_acc", "test_loss"):
-        raise ValueError(f"fit: stop_on={stop_on!r} is unknown; choose 'test_acc' or 'test_loss'")
-    if max_steps is not None:
-        check_int("max_steps", max_steps, low=1, where=where)
+    train, test = check_fit_arguments("fit", train, test, epochs=epochs, batch_size=batch_size, lr=lr,
+                                      gate_lr=gate_lr, clip_grad=clip_grad, early_stopping=early_stopping,
+                                      stop_on=stop_on, max_steps=max_steps)
 
     gen = seed_everything(seed)
     dev = torch.device(device) if device is not None else default_device()
