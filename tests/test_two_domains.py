@@ -258,3 +258,56 @@ def test_seed_loss_trainer_labels_and_applies_the_loss():
     assert r.extra["losses"] == {"neg_batch_variance": 1.0, "neg_sample_variance": 0.0}
     with pytest.raises(ValueError, match="gate"):
         seed_loss_trainer("oracle", train, test, TINY)
+
+
+# ---------------------------------------------------------------- stacked seeds, matched sizes
+
+
+def test_run_seeds_equals_one_run_per_seed():
+    """The stacked runs give what ``run`` gives seed by seed (fit_seeds' contract), for every gate."""
+    from tutorial_moe.experiments.two_domains import run_seeds
+
+    train, test = fake_split(64), fake_split(20, seed=1)  # 4 steps per epoch
+    for gate in ("oracle", "conv", "dense"):
+        stacked = run_seeds(gate, train, test, TINY, [0, 2], rate_images=64, test_points=2)
+        for r, seed in zip(stacked, (0, 2)):
+            single = run(gate, train, test, TINY, seed=seed)
+            assert r.seed == seed
+            assert r.test_acc == pytest.approx(single.test_acc, abs=1e-6)
+            assert torch.allclose(torch.tensor(r.train_acc_steps), torch.tensor(single.train_acc_steps), atol=1e-5)
+            assert torch.allclose(torch.tensor(r.rates["test"]), torch.tensor(single.rates["test"]), atol=1e-4)
+            # the test curve: one mid-epoch point per epoch, then each epoch's end
+            assert [round(p[0], 6) for p in r.extra["test_curve"]] == [0.5, 1.0, 1.5, 2.0]
+            assert r.extra["test_curve"][-1][1] == pytest.approx(r.test_acc)
+            json.dumps(r.summary())
+
+
+def test_run_seeds_refuses_hard_routers_and_bad_arguments():
+    from tutorial_moe.experiments.two_domains import run_seeds
+
+    train, test = fake_split(32), fake_split(20, seed=1)
+    with pytest.raises(ValueError, match="hard router"):
+        run_seeds("dense", train, test, TINY, [0], setting="switch")
+    with pytest.raises(ValueError, match="seeds is empty"):
+        run_seeds("dense", train, test, TINY, [])
+    with pytest.raises(ValueError, match="test_points"):
+        run_seeds("dense", train, test, TINY, [0], test_points=0)
+
+
+def test_matched_config_balances_parameter_counts():
+    from tutorial_moe.experiments.two_domains import param_count
+
+    cfg = ExperimentConfig.book_sizes()
+    assert (cfg.image_size, cfg.train_limit, cfg.batch_size) == (32, 40000, 128)
+    counts = {g: param_count(g, cfg) for g in ("oracle", "conv", "dense")}
+    # the oracle has no gate, so without matching it is smaller by a whole gate
+    unmatched = param_count("oracle", cfg.replace(oracle_fc=None))
+    assert counts["conv"] - unmatched > 0.04 * counts["conv"]
+    # matched: within one hidden unit's worth of parameters of the gated models' mean
+    mean_gated = (counts["conv"] + counts["dense"]) / 2
+    per_unit = 2 * (cfg.width * (cfg.image_size // 4) ** 2 + 1 + 20)
+    assert abs(counts["oracle"] - mean_gated) <= per_unit / 2
+    assert cfg.oracle_fc > cfg.fc
+    assert "oracle's experts fc" in cfg.describe()
+    with pytest.raises(ValueError, match="oracle_fc"):
+        ExperimentConfig(oracle_fc=0)

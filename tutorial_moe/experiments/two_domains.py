@@ -36,7 +36,7 @@ from ..train import collect_routing, fit
 __all__ = [
     "GATES", "DOMAINS", "ROUTERS", "OUTCOMES", "LOSS_SETTINGS", "ExperimentConfig", "RunResult",
     "load_data", "build_model", "gate_values", "measure_routing", "domain_gap", "usage_imbalance", "classify_outcome",
-    "run", "seed_loss_trainer",
+    "run", "seed_loss_trainer", "run_seeds", "param_count", "plot_seed_curves",
     "run_many", "seed_gate_losses", "outcome_counts", "activation_table_rows", "format_activation_table",
     "class_rate_rows", "summary_rows", "plot_curves", "plot_activation", "mean_std",
 ]
@@ -113,6 +113,7 @@ class ExperimentConfig:
     lr: float = 1e-2
     train_limit: int | None = 2000
     test_limit: int | None = 1000
+    oracle_fc: int | None = None  # the oracle's expert hidden units (None: ``fc``); see ``matched``
 
     def __post_init__(self):
         where = "ExperimentConfig"
@@ -121,6 +122,8 @@ class ExperimentConfig:
         check_int("image_size", self.image_size, low=8, where=where)
         check_int("num_experts", self.num_experts, low=2, where=where)
         check_positive_float("lr", self.lr, where=where)
+        if self.oracle_fc is not None:
+            check_int("oracle_fc", self.oracle_fc, low=1, where=where)
         for name in ("train_limit", "test_limit"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), low=20, where=where)
@@ -132,11 +135,33 @@ class ExperimentConfig:
                    lr=1e-3, train_limit=None, test_limit=None)
         return replace(base, **changes)
 
+    @classmethod
+    def book_sizes(cls, **changes) -> "ExperimentConfig":
+        """Chapter 06's default mode: the seed's 32x32 images and layer pattern, narrow layers.
+
+        Experts conv4-conv4-fc64, conv gate conv2-conv2-fc32, dense gate fc4, one epoch over
+        40,000 training images (20,000 per domain), 4,000 test images, batch 128, lr 3e-3;
+        the oracle's experts get a wider hidden layer so that the three models have (nearly)
+        the same number of parameters (:meth:`matched`).
+        """
+        base = cls(image_size=32, width=4, fc=64, gate_width=2, gate_fc=32, dense_hidden=4, epochs=1,
+                   lr=3e-3, train_limit=40000, test_limit=4000)
+        return replace(base, **changes).matched()
+
+    def matched(self) -> "ExperimentConfig":
+        """This config with ``oracle_fc`` chosen so the oracle model (two experts, no gate) has
+        as many parameters as the mean of the two gated models (it has no gate to pay for)."""
+        gated = (param_count("conv", self) + param_count("dense", self)) / 2
+        best = min(range(1, 4 * self.fc + 1),
+                   key=lambda f: abs(param_count("oracle", replace(self, oracle_fc=f)) - gated))
+        return replace(self, oracle_fc=best)
+
     def replace(self, **changes) -> "ExperimentConfig":
         return replace(self, **changes)
 
     def describe(self) -> str:
-        return (f"{self.image_size}x{self.image_size} images, experts conv{self.width}-conv{self.width}-fc{self.fc}, "
+        ofc = "" if self.oracle_fc in (None, self.fc) else f" (oracle's experts fc{self.oracle_fc})"
+        return (f"{self.image_size}x{self.image_size} images, experts conv{self.width}-conv{self.width}-fc{self.fc}{ofc}, "
                 f"conv gate conv{self.gate_width}-conv{self.gate_width}-fc{self.gate_fc}, dense gate fc{self.dense_hidden}, "
                 f"{self.num_experts} experts, {self.epochs} epochs, batch {self.batch_size}, lr {self.lr:g}, "
                 f"{'all' if self.train_limit is None else self.train_limit} training images")
@@ -174,6 +199,8 @@ def build_model(gate: str, cfg: ExperimentConfig, *, router: str = "softmax", lo
     if gate == "oracle":
         if router != "softmax" or losses or bias_update_rate:
             raise ValueError(f"{where}: gate='oracle' is fixed; it takes no router={router!r}, losses or bias")
+        fc = cfg.fc if cfg.oracle_fc is None else cfg.oracle_fc
+        experts = [ConvExpert(1, num_classes, cfg.width, fc, S) for _ in range(E)]
         return MoE(experts, OracleRouter(E, assignment=[0, 1]), combine="logits")
     net = ConvGate(E, 1, cfg.gate_width, cfg.gate_fc, S) if gate == "conv" else DenseGate(S * S, E, cfg.dense_hidden)
     if router == "softmax":
@@ -184,6 +211,11 @@ def build_model(gate: str, cfg: ExperimentConfig, *, router: str = "softmax", lo
         r = TopKRouter(S * S if router == "noisy_top1" else None, E, 1, noisy=router == "noisy_top1",
                        normalize=False, bias_update_rate=bias_update_rate, gate=net)
     return MoE(experts, r, combine="logits", losses=losses)
+
+
+def param_count(gate: str, cfg: ExperimentConfig) -> int:
+    """Number of trainable parameters of :func:`build_model` ``(gate, cfg)``."""
+    return sum(p.numel() for p in build_model(gate, cfg).parameters())
 
 
 def gate_values(routing: Routing) -> torch.Tensor:
@@ -204,7 +236,8 @@ def measure_routing(model: MoE, split, num_classes: int = 20) -> dict:
     Returns: ``rates`` (2, E) mean gate per domain, ``class_rates`` (num_classes, E) per class,
     ``entropy`` mean per-sample entropy of the router's distribution (nats), ``specialization``
     NMI between each sample's top expert and its domain, ``top_share`` (E,) share of samples whose
-    top expert is e, ``usage`` (E,) mean gate over all samples.
+    top expert is e, ``usage`` (E,) mean gate over all samples, ``max_gate`` mean over samples of
+    the largest gate value (1: every sample uses a single expert; seed 004's remark (a)).
     """
     routing = collect_routing(model, split.x, ids=split.domain)
     g = gate_values(routing)
@@ -216,6 +249,7 @@ def measure_routing(model: MoE, split, num_classes: int = 20) -> dict:
         "specialization": specialization(top, split.domain),
         "top_share": top.float().mean(0),
         "usage": g.mean(0),
+        "max_gate": float(g.max(-1).values.mean()),
     }
 
 
@@ -493,4 +527,130 @@ def plot_activation(rates, ax=None, title: str = "Activation rate", split_label:
             ax.text(e, d, f"{v:.2f}", ha="center", va="center", color="white" if v > 0.6 else "black", fontsize=9)
     ax.set_xlabel("expert" + (f" ({split_label})" if split_label else ""))
     ax.set_title(title, fontsize=9)
+    return ax
+
+
+@torch.no_grad()
+def _stacked_accuracy(stacked, split, batch_size: int = 1000) -> list[float]:
+    """Per-seed accuracy of a stacked model on a two-domain split (eval mode, restored after)."""
+    was = stacked.training
+    stacked.eval()
+    S, correct = stacked.S, torch.zeros(stacked.S)
+    for i in range(0, len(split.x), batch_size):
+        x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
+        ids = split.domain[i:i + batch_size].unsqueeze(0).expand(S, -1)
+        out = stacked(x.unsqueeze(0).expand(S, *x.shape), ids)
+        correct += (out.argmax(-1) == y).sum(1).float()
+    stacked.train(was)
+    return (correct / len(split.x)).tolist()
+
+
+def _probe(split, n: int, seed: int = 0):
+    """A fixed random subset of ``n`` images of a DataSplit (all of it if smaller)."""
+    if n >= len(split.x):
+        return split
+    idx = torch.randperm(len(split.x), generator=torch.Generator().manual_seed(seed))[:n]
+    return type(split)(split.x[idx], split.y[idx], split.domain[idx], split.info)
+
+
+def run_seeds(gate: str, train, test, cfg: ExperimentConfig, seeds, *, setting: str = "none",
+              losses: dict | None = None, gate_lr: float | None = None, label: str | None = None,
+              test_points: int = 3, rate_images: int = 2000, show_progress: bool = False) -> list[RunResult]:
+    """:func:`run` for several seeds at once, trained together by
+    :func:`tutorial_moe.multiseed.fit_seeds` (the same result as one ``fit`` per seed).
+
+    Only soft-gate settings (router "softmax", no bias balancing) can be stacked.
+    ``test_points``: test accuracy is measured this many times per epoch (evenly spaced; the
+    last is the epoch's end), so a one-epoch run still draws a test curve.
+    ``rate_images``: the training activation table is measured on this many training images
+    (a fixed random subset; the test table uses the whole test split).
+    """
+    from ..multiseed import fit_seeds
+
+    where = "run_seeds"
+    check_choice("gate", gate, GATES, where=where)
+    check_choice("setting", setting, LOSS_SETTINGS, where=where)
+    check_int("test_points", test_points, low=1, where=where)
+    check_int("rate_images", rate_images, low=20, where=where)
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError(f"{where}: seeds is empty; give at least one int seed")
+    base = LOSS_SETTINGS[setting]
+    if base["router"] != "softmax" or base.get("bias_update_rate", 0):
+        raise ValueError(f"{where}: setting={setting!r} needs a hard router; only soft-gate settings "
+                         "can be trained as stacked seeds (use run for it)")
+    losses = dict(base["losses"]) if losses is None else dict(losses)
+    if gate == "oracle":
+        losses = {}
+    for name, split in (("train", train), ("test", test)):
+        if getattr(split, "domain", None) is None:
+            raise ValueError(f"{where}: {name} must be a two-domain DataSplit (x, y, domain, info), got domain=None")
+    per_epoch = math.ceil(len(train.x) / cfg.batch_size)
+    checkpoints = {round(per_epoch * i / test_points) - 1 for i in range(1, test_points)}
+    mid_acc: list[tuple[int, list[float]]] = []
+
+    def callback(rows, stacked):
+        step = rows[0]["step"]
+        if step % per_epoch in checkpoints:
+            mid_acc.append((step, _stacked_accuracy(stacked, test)))
+
+    t0 = time.perf_counter()
+    runs = fit_seeds(lambda: build_model(gate, cfg, losses=losses), (train.x, train.y, train.domain),
+                     (test.x, test.y, test.domain), seeds=seeds, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                     lr=cfg.lr, gate_lr=gate_lr, show_progress=show_progress,
+                     callback=callback if test_points > 1 else None)
+    seconds = time.perf_counter() - t0
+    rate_split = _probe(train, rate_images)
+    out = []
+    for s, (seed, model, hist) in enumerate(zip(seeds, runs.models, runs.histories)):
+        m_train, m_test = measure_routing(model, rate_split), measure_routing(model, test)
+        points = [((step + 1) / per_epoch, acc[s]) for step, acc in mid_acc]
+        points += [(float(row["epoch"] + 1), row["test_acc"]) for row in hist.epochs]
+        points.sort()
+        out.append(RunResult(
+            gate=gate, setting=setting if label is None else str(label), seed=seed,
+            step_epochs=[(row["step"] + 1) / per_epoch for row in hist.steps],
+            train_acc_steps=[row["train_acc"] for row in hist.steps],
+            test_acc_epochs=[row["test_acc"] for row in hist.epochs],
+            rates={"train": _tolist(m_train["rates"]), "test": _tolist(m_test["rates"])},
+            class_rates={"train": _tolist(m_train["class_rates"]), "test": _tolist(m_test["class_rates"])},
+            test_acc=hist.epochs[-1]["test_acc"], entropy=m_test["entropy"],
+            specialization=m_test["specialization"], domain_gap=domain_gap(m_test["rates"]),
+            outcome=classify_outcome(m_test["rates"]), seconds=seconds / len(seeds),
+            extra={"losses": losses, "router": "softmax", "gate_lr": gate_lr, "num_experts": cfg.num_experts,
+                   "top_share": _tolist(m_test["top_share"]), "usage": _tolist(m_test["usage"]),
+                   "imbalance": usage_imbalance(m_test["usage"]),
+                   "max_gate": m_test["max_gate"],
+                   "test_curve": points}))
+    return out
+
+
+def plot_seed_curves(results: dict, ax=None, title: str = "Training (accumulated) and test accuracy",
+                     ylim=(0.0, 1.0)):
+    """Seed 004's six curves with bands over seeds: ``results`` is ``{label: [RunResult per seed]}``.
+
+    Thin line and shaded band: accumulated training accuracy, mean and min-max over seeds;
+    markers and dashed line: test accuracy (mean, error bars min-max). Returns the Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.0, 4.0))
+    for i, (label, runs) in enumerate(results.items()):
+        color = f"C{i}"
+        x = torch.tensor(runs[0].step_epochs)
+        tr = torch.tensor([r.train_acc_steps for r in runs])
+        ax.plot(x, tr.mean(0), color=color, lw=1.2, label=f"{label}: train")
+        ax.fill_between(x, tr.min(0).values, tr.max(0).values, color=color, alpha=0.2, lw=0)
+        tx = [p[0] for p in runs[0].extra["test_curve"]]
+        te = torch.tensor([[p[1] for p in r.extra["test_curve"]] for r in runs])
+        m = te.mean(0)
+        ax.errorbar(tx, m, yerr=torch.stack([m - te.min(0).values, te.max(0).values - m]), color=color,
+                    ls="--", marker="o", capsize=3, label=f"{label}: test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, loc="lower right")
     return ax
