@@ -12,6 +12,7 @@ from tutorial_moe.losses import (
     LOSSES,
     batch_entropy_loss,
     batch_variance_loss,
+    cross_sample_variance,
     cv_squared,
     diversity_loss,
     entropy,
@@ -113,6 +114,32 @@ def test_variance_losses_at_known_points():
     var_onehot = torch.tensor([1.0, 0, 0, 0]).var(unbiased=False).item()
     assert batch_variance_loss(onehot).item() == pytest.approx(var_onehot, rel=1e-6)
     assert sample_variance_loss(onehot).item() == pytest.approx(-var_onehot, rel=1e-6)
+
+
+def test_cross_sample_variance_at_known_points():
+    """0 for any batch whose samples share one gate (balanced or collapsed), 1/4 for two experts
+    when half the batch goes wholly to each, and the slow per-expert formula otherwise."""
+    probs, _ = _balanced()
+    assert cross_sample_variance(probs).item() == 0.0
+    assert cross_sample_variance(_collapsed()[0]).item() == 0.0
+    halves = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
+    assert cross_sample_variance(halves).item() == 0.25
+    g = torch.softmax(torch.randn(7, 3, dtype=torch.float64), -1)
+    slow = sum(sum((g[t, e] - g[:, e].mean()) ** 2 for t in range(7)) / 7 for e in range(3)) / 3
+    assert cross_sample_variance(g).item() == pytest.approx(float(slow), rel=1e-12)
+    empty = torch.zeros(0, 2, requires_grad=True)
+    assert cross_sample_variance(empty).item() == 0.0
+    assert LOSSES["neg_cross_sample_variance"](type("R", (), {"probs": halves})(), None).item() == -0.25
+
+
+def test_maximising_cross_sample_variance_routes_samples_apart():
+    """One step on -cross_sample_variance moves every sample's gate away from the batch's mean gate."""
+    logits = torch.randn(16, 2) * 0.3
+    after = _step(lambda p: -cross_sample_variance(p), logits)
+    before_p, after_p = logits.softmax(-1)[:, 0], after.softmax(-1)[:, 0]
+    assert cross_sample_variance(after.softmax(-1)) > cross_sample_variance(logits.softmax(-1))
+    away = torch.sign(after_p - before_p) == torch.sign(before_p - before_p.mean())
+    assert away.all()
 
 
 def _step(loss_fn, logits, lr=0.5):

@@ -282,12 +282,28 @@ def test_run_seeds_equals_one_run_per_seed():
             json.dumps(r.summary())
 
 
-def test_run_seeds_refuses_hard_routers_and_bad_arguments():
+def test_run_seeds_hard_routers_equal_one_run_per_seed():
+    """Switch (top-1), noisy top-1 with importance + load, and the across-samples variance loss
+    stack too: each seed equals its own ``run``."""
+    from tutorial_moe.experiments.two_domains import run_seeds
+
+    train, test = fake_split(64), fake_split(20, seed=1)
+    for setting in ("switch", "importance_load", "variance_samples"):
+        stacked = run_seeds("dense", train, test, TINY, [0, 2], rate_images=64, test_points=1, setting=setting)
+        for r, seed in zip(stacked, (0, 2)):
+            single = run("dense", train, test, TINY, seed=seed, setting=setting)
+            assert r.extra["router"] == single.extra["router"]
+            assert r.test_acc == pytest.approx(single.test_acc, abs=1e-6)
+            assert torch.allclose(torch.tensor(r.train_acc_steps), torch.tensor(single.train_acc_steps), atol=1e-5)
+            assert torch.allclose(torch.tensor(r.rates["test"]), torch.tensor(single.rates["test"]), atol=1e-4)
+
+
+def test_run_seeds_refuses_bias_balancing_and_bad_arguments():
     from tutorial_moe.experiments.two_domains import run_seeds
 
     train, test = fake_split(32), fake_split(20, seed=1)
-    with pytest.raises(ValueError, match="hard router"):
-        run_seeds("dense", train, test, TINY, [0], setting="switch")
+    with pytest.raises(ValueError, match="bias balancing"):
+        run_seeds("dense", train, test, TINY, [0], setting="bias")
     with pytest.raises(ValueError, match="seeds is empty"):
         run_seeds("dense", train, test, TINY, [])
     with pytest.raises(ValueError, match="test_points"):
@@ -298,7 +314,9 @@ def test_matched_config_balances_parameter_counts():
     from tutorial_moe.experiments.two_domains import param_count
 
     cfg = ExperimentConfig.book_sizes()
-    assert (cfg.image_size, cfg.train_limit, cfg.batch_size) == (32, 40000, 128)
+    assert (cfg.image_size, cfg.train_limit, cfg.batch_size) == (32, 43000, 128)
+    # at least 20,000 images per domain and 1,000 optimiser steps (the book's floor for routing claims)
+    assert cfg.train_limit // 2 >= 20000 and cfg.epochs * -(-cfg.train_limit // cfg.batch_size) >= 1000
     counts = {g: param_count(g, cfg) for g in ("oracle", "conv", "dense")}
     # the oracle has no gate, so without matching it is smaller by a whole gate
     unmatched = param_count("oracle", cfg.replace(oracle_fc=None))
@@ -311,3 +329,14 @@ def test_matched_config_balances_parameter_counts():
     assert "oracle's experts fc" in cfg.describe()
     with pytest.raises(ValueError, match="oracle_fc"):
         ExperimentConfig(oracle_fc=0)
+
+
+def test_aligned_rates_puts_the_digits_expert_first():
+    from tutorial_moe.experiments.two_domains import aligned_rates
+
+    assert aligned_rates([[0.1, 0.9], [0.8, 0.2]]) == [[0.9, 0.1], [0.2, 0.8]]
+    assert aligned_rates([[0.9, 0.1], [0.2, 0.8]]) == [[0.9, 0.1], [0.2, 0.8]]
+    # a collapsed gate stays collapsed; only the column order changes
+    assert aligned_rates([[0.0, 1.0], [0.0, 1.0]]) == [[0.0, 1.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="shape"):
+        aligned_rates([[1.0, 0.0]])

@@ -111,9 +111,11 @@ class ConvExpert(nn.Module):
                 f"{type(self).__name__}: x must have shape (N, {self.in_channels}, {self.image_size}, {self.image_size}), "
                 f"got {tuple(x.shape)}"
             )
+        # Pooling before the ReLU gives the same values and gradients (max and ReLU commute)
+        # and runs the ReLU on a quarter of the elements.
         act = F.relu if self.conv_activation else (lambda t: t)
-        h = F.max_pool2d(act(self.conv1(x)), 2, ceil_mode=True)
-        h = F.max_pool2d(act(self.conv2(h)), 2, ceil_mode=True)
+        h = act(F.max_pool2d(self.conv1(x), 2, ceil_mode=True))
+        h = act(F.max_pool2d(self.conv2(h), 2, ceil_mode=True))
         return self.fc2(F.relu(self.fc1(h.flatten(1))))
 
 

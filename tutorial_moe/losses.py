@@ -14,6 +14,8 @@ batch_entropy_loss     -H(mean_t gates[t])            (minimise -> balance)  see
 sample_entropy_loss    mean_t H(gates[t])             (minimise -> sharpen)  seed 004
 batch_variance_loss    Var_e(mean_t gates[t, e])      (minimise -> balance)  seed 004 (variance version)
 sample_variance_loss   -mean_t Var_e(gates[t, e])     (minimise -> sharpen)  seed 004 (variance version)
+cross_sample_variance  mean_e Var_t(gates[t, e])      (maximise -> route     seed 004 (variance across
+                                                      samples apart)         samples, second reading)
 diversity_loss         mean pairwise cosine similarity of expert outputs   seed 002
 =====================  ===================================================  ==============================
 
@@ -39,6 +41,7 @@ __all__ = [
     "sample_entropy_loss",
     "batch_variance_loss",
     "sample_variance_loss",
+    "cross_sample_variance",
     "diversity_loss",
     "threshold_loss",
     "LOSSES",
@@ -149,6 +152,22 @@ def sample_variance_loss(gates: torch.Tensor) -> torch.Tensor:
     return -_token_mean(per_token)
 
 
+def cross_sample_variance(gates: torch.Tensor) -> torch.Tensor:
+    """mean_e Var_t(gates[t, e]): how differently the batch's samples are routed.
+
+    The second reading of seed 004's "batch variance": the variance *across the samples* of
+    the batch, per expert, rather than over the experts of the batch's mean gate. It is 0 when
+    every sample gets the same gate (whether balanced or collapsed) and, for two experts, at
+    most 1/4, reached when half the batch goes wholly to each expert: a balanced separation.
+    Returned as a statistic; the seed's sign (maximised, like the batch entropy) is the loss
+    ``"neg_cross_sample_variance"``.
+    """
+    check_prob_matrix("gates", gates, where="cross_sample_variance")
+    if gates.shape[0] == 0:
+        return gates.sum() * 0  # no samples: 0 with a graph, as the other losses
+    return gates.var(dim=0, unbiased=False).mean()
+
+
 def diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine similarity between experts' outputs on the same tokens.
 
@@ -194,6 +213,8 @@ LOSSES = {
     # rewards a batch that uses one expert (chapter 07 tests whether this explains the seed's collapse).
     "neg_batch_variance": lambda r, y: -batch_variance_loss(r.probs),
     "neg_sample_variance": lambda r, y: -sample_variance_loss(r.probs),
+    # The other reading of the seed's batch variance (across the batch's samples), sign kept.
+    "neg_cross_sample_variance": lambda r, y: -cross_sample_variance(r.probs),
     "diversity": lambda r, y: diversity_loss(y),
     "threshold": lambda r, y: threshold_loss(r.aux["active"]) if "active" in r.aux else r.probs.sum() * 0,
 }

@@ -222,8 +222,11 @@ class _SConvExpert(nn.Module):
             raise ValueError(f"ConvExpert (stacked): x must have shape (groups, N, {self.in_channels}, "
                              f"{self.image_size}, {self.image_size}), got {tuple(x.shape)}")
         act = F.relu if self.conv_activation else (lambda t: t)
-        h = F.max_pool2d(act(self.conv1(_to_channels(x))), 2, ceil_mode=True)
-        h = F.max_pool2d(act(self.conv2(h)), 2, ceil_mode=True)
+        # Channels-last: the members' channels sit side by side in memory, where the CPU's
+        # convolution and pooling kernels vectorise (about 2x faster at these sizes).
+        x = _to_channels(x).contiguous(memory_format=torch.channels_last)
+        h = act(F.max_pool2d(self.conv1(x), 2, ceil_mode=True))  # as ConvExpert
+        h = act(F.max_pool2d(self.conv2(h), 2, ceil_mode=True))
         B = h.shape[0]
         h = h.reshape(B, self.G, -1).transpose(0, 1)  # (G, B, C * h * w), the order ConvExpert flattens in
         return self.fc2(F.relu(self.fc1(h)))

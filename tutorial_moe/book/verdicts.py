@@ -139,6 +139,8 @@ SEED_CLAIMS = [
      "claim": "the convolutional gate sends every image to one expert"},
     {"seed": "004", "chapter": "06_two_domains", "key": "dense_gate_splits_domains", "expected": HOLDS,
      "claim": "the dense gate splits the domains only partly: one expert serves one domain, the other both"},
+    {"seed": "004", "chapter": "06_two_domains", "key": "oracle_is_upper_bound", "expected": HOLDS,
+     "claim": "the oracle gate, which is told each image's domain, is an upper bound for a learned gate"},
     {"seed": "004", "chapter": "06_two_domains", "key": "moe_underperforms_baseline_on_test", "expected": HOLDS,
      "claim": "both MoE models do worse on test than the oracle gate"},
     {"seed": "004", "chapter": "06_two_domains", "key": "moe_overperforms_baseline_in_training", "expected": HOLDS,

@@ -3,7 +3,7 @@
 * :class:`GateLossGrid` - results of one training function on a small grid of (kind, alpha, beta),
   computed once, so that looking a setting up costs nothing.
 * :class:`GateLossExplorer` - sliders for alpha and beta and a selector for the loss kind
-  ("entropy", "variance" or "variance_literal"). A slider move shows the nearest precomputed
+  ("entropy", "variance", "variance_literal" or "variance_samples"). A slider move shows the nearest precomputed
   setting at once (and says when it is not the exact one); the button trains the exact setting
   and adds it to the grid.
 * :func:`grid_animation` - the whole grid as a matplotlib animation, for the static book
@@ -22,7 +22,7 @@ from ..style import tidy_layout
 __all__ = ["LOSS_KINDS", "GateLossGrid", "GateLossExplorer", "grid_key", "nearest_value", "plot_setting",
            "grid_animation"]
 
-LOSS_KINDS = ("entropy", "variance", "variance_literal")  # see tutorial_moe.experiments.two_domains.seed_gate_losses
+LOSS_KINDS = ("entropy", "variance", "variance_literal", "variance_samples")  # see tutorial_moe.experiments.two_domains.seed_gate_losses
 
 
 def _check_weight(name: str, value, where: str) -> float:
