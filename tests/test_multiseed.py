@@ -119,6 +119,18 @@ def test_topk_with_switch_and_z_losses_clipping_and_temperature_matches_sequenti
            epochs=2, batch_size=32, lr=5e-3, clip_grad=0.5, temperature_schedule=temperature_annealing(2.0, 0.5, 8))
 
 
+def test_aux_loss_free_bias_balancing_matches_sequential_fit():
+    """Per-seed bias rows, counted and stepped after each optimiser step as fit does; the
+    trained biases are written back to each seed's router."""
+    make = lambda: MoE([MLPExpert(SIZE * SIZE, 8, 10) for _ in range(3)],  # noqa: E731
+                       TopKRouter(None, 3, 1, bias_update_rate=0.05, gate=FlattenGate(SIZE * SIZE, 3)))
+    seq, runs = _check(make, epochs=2, batch_size=32, lr=5e-3)
+    for (model, _), model2 in zip(seq, runs.models):
+        assert model.router.expert_bias.abs().sum() > 0  # the bias moved
+        torch.testing.assert_close(model2.router.expert_bias, model.router.expert_bias, atol=1e-6, rtol=0)
+        assert float(model2.router.expert_load.sum()) == 0
+
+
 def test_conv_experts_match_sequential_fit():
     _check(lambda: brainy_moe(3, 8, k=2, image_size=SIZE, expert="conv", conv_width=4), epochs=2, batch_size=32,
            lr=5e-3)
@@ -241,6 +253,8 @@ def test_a_single_module_is_rejected():
     (lambda: MoE([MLPExpert(SIZE * SIZE, 8, 10) for _ in range(3)],
                  TopKRouter(None, 3, 1, capacity_factor=1.0, gate=FlattenGate(SIZE * SIZE, 3))), "capacity_factor=1.0"),
     (lambda: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(SIZE * SIZE)), "cannot stack a BatchNorm1d"),
+    (lambda: MoE([MLPExpert(SIZE * SIZE, 8, 10) for _ in range(3)],
+                 TopKRouter(None, 3, 2, scoring="sigmoid", gate=FlattenGate(SIZE * SIZE, 3))), "scoring='sigmoid'"),
 ])
 def test_models_the_stacking_cannot_handle_raise_type_error(make, text):
     train, _ = _data()

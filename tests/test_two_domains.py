@@ -283,12 +283,12 @@ def test_run_seeds_equals_one_run_per_seed():
 
 
 def test_run_seeds_hard_routers_equal_one_run_per_seed():
-    """Switch (top-1), noisy top-1 with importance + load, and the across-samples variance loss
-    stack too: each seed equals its own ``run``."""
+    """Switch (top-1), noisy top-1 with importance + load, the across-samples variance loss and
+    bias balancing stack too: each seed equals its own ``run``."""
     from tutorial_moe.experiments.two_domains import run_seeds
 
     train, test = fake_split(64), fake_split(20, seed=1)
-    for setting in ("switch", "importance_load", "variance_samples"):
+    for setting in ("switch", "importance_load", "variance_samples", "bias"):
         stacked = run_seeds("dense", train, test, TINY, [0, 2], rate_images=64, test_points=1, setting=setting)
         for r, seed in zip(stacked, (0, 2)):
             single = run("dense", train, test, TINY, seed=seed, setting=setting)
@@ -298,12 +298,10 @@ def test_run_seeds_hard_routers_equal_one_run_per_seed():
             assert torch.allclose(torch.tensor(r.rates["test"]), torch.tensor(single.rates["test"]), atol=1e-4)
 
 
-def test_run_seeds_refuses_bias_balancing_and_bad_arguments():
+def test_run_seeds_refuses_bad_arguments():
     from tutorial_moe.experiments.two_domains import run_seeds
 
     train, test = fake_split(32), fake_split(20, seed=1)
-    with pytest.raises(ValueError, match="bias balancing"):
-        run_seeds("dense", train, test, TINY, [0], setting="bias")
     with pytest.raises(ValueError, match="seeds is empty"):
         run_seeds("dense", train, test, TINY, [])
     with pytest.raises(ValueError, match="test_points"):

@@ -40,6 +40,14 @@ def grid():
 def test_grid_key_merges_the_zero_setting_and_validates():
     assert grid_key("variance", 0, 0) == grid_key("entropy", 0.0, 0.0)
     assert grid_key("variance", 0.1, 0) != grid_key("entropy", 0.1, 0)
+    # alpha = 0: both variance readings keep only the same sample term, so they are one model
+    from tutorial_moe.experiments.two_domains import seed_gate_losses
+
+    assert grid_key("variance_samples", 0, 0.01) == grid_key("variance_literal", 0, 0.01)
+    nonzero = [{k: w for k, w in seed_gate_losses(kind, 0.0, 0.01).items() if w}
+               for kind in ("variance_samples", "variance_literal")]
+    assert nonzero[0] == nonzero[1]
+    assert grid_key("variance_samples", 0.1, 0.01) != grid_key("variance_literal", 0.1, 0.01)
     with pytest.raises(ValueError, match="kind"):
         grid_key("kl", 0.1, 0.1)
     with pytest.raises(ValueError, match="alpha"):

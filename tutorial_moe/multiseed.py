@@ -33,7 +33,7 @@ Supported modules: ``nn.Linear``, ``nn.Conv2d``, ``nn.MaxPool2d``, ``nn.Sequenti
 ``Flatten``/``ReLU``/``GELU``/``Tanh``/``Sigmoid``/``SiLU``/``Identity``, :class:`~tutorial_moe.experts.MLPExpert` (no active dropout),
 :class:`~tutorial_moe.experts.ConvExpert`, :class:`~tutorial_moe.experts.ConvGate`,
 :class:`~tutorial_moe.experts.DenseGate`, and :class:`~tutorial_moe.moe.MoE` with a
-``SoftmaxRouter``, ``TopKRouter`` (no capacity, no bias balancing) or ``OracleRouter``. Other
+``SoftmaxRouter``, ``TopKRouter`` (softmax scoring, no capacity; bias balancing per seed) or ``OracleRouter``. Other
 module types can declare an equivalent ``nn.Sequential`` of these with :func:`register_stacking`.
 Anything else raises ``TypeError`` naming the module.
 """
@@ -404,21 +404,28 @@ class _SMoE(nn.Module):
             raise ValueError(f"stack_models: {where}: the models' routers have different types")
         if rtype not in (SoftmaxRouter, TopKRouter, OracleRouter):
             raise TypeError(f"stack_models: {where}: router {rtype.__name__} cannot be stacked; supported: "
-                            "SoftmaxRouter, TopKRouter (no capacity, no bias balancing), OracleRouter")
+                            "SoftmaxRouter, TopKRouter (no capacity), OracleRouter")
         self.S, self.E = S, m0.num_experts
         self.combine, self.losses = m0.combine, dict(m0.losses)
         self.kind = rtype.__name__
         self.noisy, self.normalize = False, True
+        self.bias_update_rate = 0.0
         if rtype is TopKRouter:
             for i, r in enumerate(routers):
                 if r.capacity_factor is not None:
                     raise TypeError(f"stack_models: {where}: model {i}'s TopKRouter has capacity_factor="
                                     f"{r.capacity_factor}; capacity (dropping) cannot be stacked, use fit")
-                if getattr(r, "bias_update_rate", 0.0) > 0:
-                    raise TypeError(f"stack_models: {where}: model {i}'s TopKRouter has bias_update_rate="
-                                    f"{r.bias_update_rate}; bias balancing cannot be stacked, use fit")
-            _same(routers, ("noisy", "normalize"), where + ".router")
+                if getattr(r, "scoring", "softmax") != "softmax":
+                    raise TypeError(f"stack_models: {where}: model {i}'s TopKRouter has scoring="
+                                    f"{r.scoring!r}; only softmax scoring can be stacked, use fit")
+            _same(routers, ("noisy", "normalize", "bias_update_rate"), where + ".router")
             self.noisy, self.normalize = routers[0].noisy, routers[0].normalize
+            # Auxiliary-loss-free balancing: one bias row per seed, counted and stepped as
+            # TopKRouter does (fit_seeds calls update_expert_bias after every optimiser step).
+            self.bias_update_rate = float(routers[0].bias_update_rate)
+            if self.bias_update_rate > 0:
+                self.register_buffer("expert_bias", torch.stack([r.expert_bias.detach().float() for r in routers]))
+                self.register_buffer("expert_load", torch.zeros(S, self.E), persistent=False)
             if self.noisy:
                 self.noise = _SLinear([r.noise for r in routers], 1, where + ".router.noise")
         if rtype is OracleRouter:
@@ -476,7 +483,10 @@ class _SMoE(nn.Module):
         probs = _softmax(logits)
         ks = self.ks
         kmax = max(ks)
-        indices = logits.detach().topk(kmax, dim=-1).indices  # (S, B, kmax), best first
+        select = logits.detach()
+        if self.bias_update_rate > 0:
+            select = select + self.expert_bias.unsqueeze(1).to(select.dtype)  # selection only
+        indices = select.topk(kmax, dim=-1).indices  # (S, B, kmax), best first
         chosen = probs.gather(-1, indices)
         keep = None
         if min(ks) < kmax:
@@ -496,7 +506,23 @@ class _SMoE(nn.Module):
         mask = mask.scatter(-1, indices, True if keep is None else keep)
         if noise_std is not None:
             aux["load"] = torch.stack([_smooth_load(clean[s], logits[s], noise_std[s], ks[s]) for s in range(S)])
+        if self.bias_update_rate > 0 and self.training:
+            with torch.no_grad():
+                self.expert_load += mask.sum(1).to(self.expert_load.dtype)
         return logits, probs, weights, mask, aux
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """TopKRouter.update_expert_bias for every seed at once (seeds with no count keep their bias)."""
+        if self.bias_update_rate <= 0:
+            return
+        load = self.expert_load.clone()
+        self.expert_load.zero_()
+        counted = load.sum(-1, keepdim=True) > 0
+        step = self.bias_update_rate * torch.sign(load.mean(-1, keepdim=True) - load)
+        bias = self.expert_bias + step
+        bias = bias - bias.mean(-1, keepdim=True)
+        self.expert_bias.copy_(torch.where(counted, bias, self.expert_bias))
 
     def _noise_generators(self, dev):
         if self.generators is None:
@@ -539,6 +565,10 @@ class _SMoE(nn.Module):
             self.gate.write_back()
         if self.noisy:
             self.noise.write_back()
+        if self.bias_update_rate > 0:
+            for m, b in zip(self._sources, self.expert_bias):
+                m.router.expert_bias.copy_(b)
+                m.router.expert_load.zero_()
         for m, k, t in zip(self._sources, self.ks, self.temperatures):
             if hasattr(m.router, "k"):
                 m.router.k = k
@@ -883,6 +913,8 @@ def fit_seeds(
             if clip_grad is not None:
                 grad_norms = _clip_per_seed(trainable, clip_grad, S)
             opt.step()
+            for sm in moes:
+                sm.update_expert_bias()  # as fit does after every optimiser step
             util = None
             if moes:
                 util = torch.stack([m.last[3].float().sum(1) / m.last[3].float().sum((1, 2)).clamp_min(1).unsqueeze(1)

@@ -149,6 +149,10 @@ SEED_CLAIMS = [
      "claim": "the batch + sample entropy loss moves the dense gate"},
     {"seed": "004", "chapter": "07_gate_losses", "key": "variance_loss_collapses", "expected": HOLDS,
      "claim": "the variance version of the loss collapses onto one expert"},
+    {"seed": "004", "chapter": "07_gate_losses", "key": "batch_variance_balances", "expected": HOLDS,
+     "claim": "remark (c): the batch variance (read across samples) encourages balanced use of the experts"},
+    {"seed": "004", "chapter": "07_gate_losses", "key": "separating_gate_below_oracle", "expected": HOLDS,
+     "claim": "remark (b): an MoE whose gate separates the domains cannot beat the oracle gate"},
 ]
 
 

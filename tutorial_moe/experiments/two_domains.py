@@ -36,7 +36,8 @@ from ..train import collect_routing, fit
 __all__ = [
     "GATES", "DOMAINS", "ROUTERS", "OUTCOMES", "LOSS_SETTINGS", "ExperimentConfig", "RunResult",
     "load_data", "build_model", "gate_values", "measure_routing", "aligned_rates", "domain_gap", "usage_imbalance", "classify_outcome",
-    "run", "seed_loss_trainer", "run_seeds", "run_settings", "param_count", "plot_seed_curves",
+    "run", "seed_loss_trainer", "run_seeds", "run_settings", "ROUTING_METRICS", "run_metric",
+    "setting_rows", "plot_routing_summary", "param_count", "plot_seed_curves",
     "run_many", "seed_gate_losses", "outcome_counts", "activation_table_rows", "format_activation_table",
     "class_rate_rows", "summary_rows", "plot_curves", "plot_activation", "mean_std",
 ]
@@ -579,8 +580,8 @@ def run_seeds(gate: str, train, test, cfg: ExperimentConfig, seeds, *, setting: 
     """:func:`run` for several seeds at once, trained together by
     :func:`tutorial_moe.multiseed.fit_seeds` (the same result as one ``fit`` per seed).
 
-    Every setting but bias balancing can be stacked (soft gates and the top-1 routers of
-    Switch and of noisy gating); train a "bias" setting seed by seed with :func:`run`.
+    Every setting stacks: soft gates, the top-1 routers of Switch and of noisy gating, and
+    auxiliary-loss-free bias balancing (one bias row per seed).
     ``test_points``: test accuracy is measured this many times per epoch (evenly spaced; the
     last is the epoch's end), so a one-epoch run still draws a test curve.
     ``rate_images``: the training activation table is measured on this many training images
@@ -597,9 +598,6 @@ def run_seeds(gate: str, train, test, cfg: ExperimentConfig, seeds, *, setting: 
     if not seeds:
         raise ValueError(f"{where}: seeds is empty; give at least one int seed")
     base = LOSS_SETTINGS[setting]
-    if base.get("bias_update_rate", 0):
-        raise ValueError(f"{where}: setting={setting!r} uses bias balancing, which cannot be trained as "
-                         "stacked seeds; use run for each seed")
     losses = dict(base["losses"]) if losses is None else dict(losses)
     router = base["router"]
     if gate == "oracle":
@@ -617,7 +615,8 @@ def run_seeds(gate: str, train, test, cfg: ExperimentConfig, seeds, *, setting: 
             mid_acc.append((step, _stacked_accuracy(stacked, test)))
 
     t0 = time.perf_counter()
-    runs = fit_seeds(lambda: build_model(gate, cfg, router=router, losses=losses), (train.x, train.y, train.domain),
+    bias = 0.0 if gate == "oracle" else base.get("bias_update_rate", 0.0)
+    runs = fit_seeds(lambda: build_model(gate, cfg, router=router, losses=losses, bias_update_rate=bias), (train.x, train.y, train.domain),
                      (test.x, test.y, test.domain), seeds=seeds, epochs=cfg.epochs, batch_size=cfg.batch_size,
                      lr=cfg.lr, gate_lr=gate_lr, show_progress=show_progress,
                      callback=callback if test_points > 1 else None)
@@ -652,9 +651,9 @@ def run_settings(specs, train, test, cfg: ExperimentConfig, seeds, *, test_point
     """Train each setting of ``specs`` on every seed; ``{(gate, label, seed): RunResult}``.
 
     A spec is ``(gate, setting)`` or ``(gate, setting, options)`` with options ``label`` (the
-    name stored in the result, default the setting), ``gate_lr`` and ``num_experts``. Every
-    setting trains its seeds as one stacked model (:func:`run_seeds`) except bias balancing,
-    which trains seed by seed with :func:`run`. One progress bar counts the settings.
+    name stored in the result, default the setting), ``gate_lr`` and ``num_experts``. Each
+    setting trains its seeds as one stacked model (:func:`run_seeds`); one progress bar counts
+    the settings.
     """
     from ..runtime import progress
 
@@ -678,15 +677,77 @@ def run_settings(specs, train, test, cfg: ExperimentConfig, seeds, *, test_point
     for gate, setting, options in progress(parsed, desc="settings", disable=not show_progress):
         label = options.get("label", setting)
         c = cfg.replace(num_experts=options["num_experts"]) if "num_experts" in options else cfg
-        if LOSS_SETTINGS[setting].get("bias_update_rate", 0):
-            runs = [run(gate, train, test, c, seed=s, setting=setting, gate_lr=options.get("gate_lr"),
-                        label=label) for s in seeds]
-        else:
-            runs = run_seeds(gate, train, test, c, seeds, setting=setting, gate_lr=options.get("gate_lr"),
-                             label=label, test_points=test_points)
+        runs = run_seeds(gate, train, test, c, seeds, setting=setting, gate_lr=options.get("gate_lr"),
+                         label=label, test_points=test_points)
         for r in runs:
             out[gate, label, r.seed] = r
     return out
+
+
+#: The routing numbers chapter 07 reads off each run: name -> (axis label, what it means).
+ROUTING_METRICS = {
+    "imbalance": ("usage imbalance", "0: both experts used equally; 0.5: one expert ignored"),
+    "domain_gap": ("domain gap", "0: the gate ignores the domain; 1: one expert per domain"),
+    "max_gate": ("mean largest gate", "1: every image uses a single expert; 1/E: every image split evenly"),
+}
+
+
+def run_metric(r: RunResult, name: str) -> float:
+    """One of :data:`ROUTING_METRICS` (or ``"test_acc"``) of a run."""
+    if name == "domain_gap":
+        return r.domain_gap
+    if name == "test_acc":
+        return r.test_acc
+    if name in ROUTING_METRICS:
+        return r.extra[name]
+    raise ValueError(f"run_metric: name={name!r} is unknown; choose test_acc or one of {list(ROUTING_METRICS)}")
+
+
+def _group(results: dict, gate: str, label: str) -> list[RunResult]:
+    runs = [r for (g, lab, _), r in sorted(results.items(), key=lambda kv: kv[0][2]) if (g, lab) == (gate, label)]
+    if not runs:
+        raise ValueError(f"no runs for gate={gate!r}, label={label!r}")
+    return runs
+
+
+def setting_rows(results: dict, rows) -> list[dict]:
+    """One row per ``(gate, label)`` of ``rows`` from :func:`run_settings`' dict: the number of
+    seeds, mean test accuracy, the mean of each routing metric and the outcome counts."""
+    out = []
+    for gate, label in rows:
+        runs = _group(results, gate, label)
+        row = {"gate": gate, "setting": label, "seeds": len(runs),
+               "test acc": sum(r.test_acc for r in runs) / len(runs)}
+        for name, (axis, _) in ROUTING_METRICS.items():
+            row[axis] = sum(run_metric(r, name) for r in runs) / len(runs)
+        counts = Counter(r.outcome for r in runs)
+        row["outcomes"] = ", ".join(f"{o} {counts[o]}" for o in OUTCOMES if counts[o])
+        out.append(row)
+    return out
+
+
+def plot_routing_summary(results: dict, rows, metrics=tuple(ROUTING_METRICS), colors: dict | None = None,
+                         title: str | None = None):
+    """One panel per metric, one line per ``(gate, label)`` of ``rows``: a dot per seed and a bar
+    at the mean. ``colors``: gate -> colour. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    colors = colors or {}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(7.0, 0.32 * len(rows) + 1.4), sharey=True)
+    axes = [axes] if len(metrics) == 1 else list(axes)
+    ys = list(range(len(rows)))[::-1]
+    for ax, name in zip(axes, metrics):
+        for y, (gate, label) in zip(ys, rows):
+            values = [run_metric(r, name) for r in _group(results, gate, label)]
+            c = colors.get(gate, "C0")
+            ax.scatter(values, [y] * len(values), s=14, color=c, alpha=0.7, zorder=3)
+            ax.plot([sum(values) / len(values)] * 2, [y - 0.35, y + 0.35], color=c, lw=2.5)
+        ax.set_xlabel(ROUTING_METRICS[name][0] if name in ROUTING_METRICS else name)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, [f"{g}: {lab}" for g, lab in rows])
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def plot_seed_curves(results: dict, ax=None, title: str = "Training (accumulated) and test accuracy",

@@ -32,12 +32,15 @@ def _check_weight(name: str, value, where: str) -> float:
 
 
 def grid_key(kind: str, alpha: float, beta: float) -> tuple[str, float, float]:
-    """The canonical key of a setting; (alpha, beta) = (0, 0) is the same model for every kind."""
+    """The canonical key of a setting; (alpha, beta) = (0, 0) is the same model for every kind,
+    and with alpha = 0 both variance readings are the same model (only the sample term)."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"grid_key: kind={kind!r} is unknown; choose one of {list(LOSS_KINDS)}")
     alpha, beta = _check_weight("alpha", alpha, "grid_key"), _check_weight("beta", beta, "grid_key")
     if alpha == 0 and beta == 0:
         kind = LOSS_KINDS[0]
+    elif alpha == 0 and kind == "variance_samples":
+        kind = "variance_literal"  # the two readings differ only in the batch term
     return (kind, round(alpha, 12), round(beta, 12))
 
 
