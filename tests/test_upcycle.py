@@ -45,11 +45,18 @@ def test_upcycled_layer_equals_dense_block_float32():
     assert max_abs_diff(ffn, moe, x) <= 4 * torch.finfo(torch.float32).eps * float(y.abs().max())
 
 
-def test_zero_router_is_exact_to_the_bit_when_weights_are_powers_of_two():
+def test_zero_router_combines_exactly_when_weights_are_powers_of_two():
     ffn = _ffn()
     moe = upcycle(ffn, 8, 2, router_std=0.0, dispatch="loop")
     x = torch.randn(10, 6, dtype=torch.float64)
-    assert max_abs_diff(ffn, moe, x) == 0.0
+    # Weights 1/2 + 1/2 on two identical expert outputs: the combine adds no rounding at all.
+    bank = moe.experts
+    with torch.no_grad():
+        assert torch.equal(moe(x), bank.apply_expert(bank.expert_params()[0], x))
+    # Against the dense block only the matmul kernels differ (the expert multiplies by its
+    # stored weight, nn.Linear by the transpose), which some CPUs round differently: a few ulp.
+    scale = float(ffn(x).detach().abs().max())
+    assert max_abs_diff(ffn, moe, x) <= 8 * torch.finfo(torch.float64).eps * scale
     # Ties go to the lowest ids: every token on experts 0 and 1, weights 1/2 each.
     assert moe.last_routing.mask[:, :2].all() and not moe.last_routing.mask[:, 2:].any()
     torch.testing.assert_close(moe.last_routing.weights[:, :2], torch.full((10, 2), 0.5, dtype=torch.float64))
