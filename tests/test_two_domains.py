@@ -256,6 +256,10 @@ def test_seed_loss_trainer_labels_and_applies_the_loss():
     r = fn("variance_literal", 1.0, 0.0)
     assert r.setting == "variance_literal (alpha=1, beta=0)"
     assert r.extra["losses"] == {"neg_batch_variance": 1.0, "neg_sample_variance": 0.0}
+    # trained as a stacked model of one seed: the same model run() trains
+    single = run("dense", train, test, TINY.replace(epochs=1), seed=0, losses=r.extra["losses"])
+    assert r.test_acc == pytest.approx(single.test_acc, abs=1e-6)
+    assert torch.allclose(torch.tensor(r.rates["test"]), torch.tensor(single.rates["test"]), atol=1e-4)
     with pytest.raises(ValueError, match="gate"):
         seed_loss_trainer("oracle", train, test, TINY)
 
@@ -338,3 +342,6 @@ def test_aligned_rates_puts_the_digits_expert_first():
     assert aligned_rates([[0.0, 1.0], [0.0, 1.0]]) == [[0.0, 1.0], [0.0, 1.0]]
     with pytest.raises(ValueError, match="shape"):
         aligned_rates([[1.0, 0.0]])
+    from tutorial_moe.experiments.two_domains import aligned_order
+
+    assert aligned_order([[0.1, 0.2, 0.7], [0.5, 0.4, 0.1]]) == [2, 1, 0]
