@@ -356,6 +356,24 @@ def _tolist(t):
     return t.tolist() if isinstance(t, torch.Tensor) else t
 
 
+def _run_result(gate: str, label: str, seed: int, hist, per_epoch: int, m_train: dict, m_test: dict,
+                seconds: float, extra: dict) -> RunResult:
+    """A :class:`RunResult` from a training history and the two :func:`measure_routing` records;
+    ``extra`` is merged over the routing summary (top share, usage, imbalance, max gate)."""
+    return RunResult(
+        gate=gate, setting=label, seed=seed,
+        step_epochs=[(row["step"] + 1) / per_epoch for row in hist.steps],
+        train_acc_steps=[row["train_acc"] for row in hist.steps],
+        test_acc_epochs=[row["test_acc"] for row in hist.epochs],
+        rates={"train": _tolist(m_train["rates"]), "test": _tolist(m_test["rates"])},
+        class_rates={"train": _tolist(m_train["class_rates"]), "test": _tolist(m_test["class_rates"])},
+        test_acc=hist.epochs[-1]["test_acc"], entropy=m_test["entropy"], specialization=m_test["specialization"],
+        domain_gap=domain_gap(m_test["rates"]), outcome=classify_outcome(m_test["rates"]), seconds=seconds,
+        extra={"top_share": _tolist(m_test["top_share"]), "usage": _tolist(m_test["usage"]),
+               "imbalance": usage_imbalance(m_test["usage"]), "max_gate": m_test["max_gate"], **extra},
+    )
+
+
 def run(gate: str, train, test, cfg: ExperimentConfig, *, seed: int = 0, setting: str = "none",
         losses: dict | None = None, router: str | None = None, bias_update_rate: float | None = None,
         gate_lr: float | None = None, label: str | None = None, show_progress: bool = False,
@@ -386,20 +404,10 @@ def run(gate: str, train, test, cfg: ExperimentConfig, *, seed: int = 0, setting
                batch_size=cfg.batch_size, lr=cfg.lr, gate_lr=gate_lr, seed=seed, show_progress=show_progress)
     seconds = time.perf_counter() - t0
     per_epoch = math.ceil(len(train.x) / cfg.batch_size)
-    m_train, m_test = measure_routing(model, train), measure_routing(model, test)
-    result = RunResult(
-        gate=gate, setting=setting if label is None else str(label), seed=seed,
-        step_epochs=[(row["step"] + 1) / per_epoch for row in hist.steps],
-        train_acc_steps=[row["train_acc"] for row in hist.steps],
-        test_acc_epochs=[row["test_acc"] for row in hist.epochs],
-        rates={"train": _tolist(m_train["rates"]), "test": _tolist(m_test["rates"])},
-        class_rates={"train": _tolist(m_train["class_rates"]), "test": _tolist(m_test["class_rates"])},
-        test_acc=hist.epochs[-1]["test_acc"], entropy=m_test["entropy"], specialization=m_test["specialization"],
-        domain_gap=domain_gap(m_test["rates"]), outcome=classify_outcome(m_test["rates"]), seconds=seconds,
-        extra={"losses": dict(losses), "router": router, "gate_lr": gate_lr, "num_experts": cfg.num_experts,
-               "top_share": _tolist(m_test["top_share"]), "usage": _tolist(m_test["usage"]),
-               "imbalance": usage_imbalance(m_test["usage"]), "max_gate": m_test["max_gate"]},
-    )
+    result = _run_result(gate, setting if label is None else str(label), seed, hist, per_epoch,
+                         measure_routing(model, train), measure_routing(model, test), seconds,
+                         {"losses": dict(losses), "router": router, "gate_lr": gate_lr,
+                          "num_experts": cfg.num_experts})
     if keep_model:
         result.extra["model"] = model  # not JSON-able; for inspection in a notebook only
     return result
@@ -635,21 +643,10 @@ def run_seeds(gate: str, train, test, cfg: ExperimentConfig, seeds, *, setting: 
         points = [((step + 1) / per_epoch, acc[s]) for step, acc in mid_acc]
         points += [(float(row["epoch"] + 1), row["test_acc"]) for row in hist.epochs]
         points.sort()
-        out.append(RunResult(
-            gate=gate, setting=setting if label is None else str(label), seed=seed,
-            step_epochs=[(row["step"] + 1) / per_epoch for row in hist.steps],
-            train_acc_steps=[row["train_acc"] for row in hist.steps],
-            test_acc_epochs=[row["test_acc"] for row in hist.epochs],
-            rates={"train": _tolist(m_train["rates"]), "test": _tolist(m_test["rates"])},
-            class_rates={"train": _tolist(m_train["class_rates"]), "test": _tolist(m_test["class_rates"])},
-            test_acc=hist.epochs[-1]["test_acc"], entropy=m_test["entropy"],
-            specialization=m_test["specialization"], domain_gap=domain_gap(m_test["rates"]),
-            outcome=classify_outcome(m_test["rates"]), seconds=seconds / len(seeds),
-            extra={"losses": losses, "router": router, "gate_lr": gate_lr, "num_experts": cfg.num_experts,
-                   "top_share": _tolist(m_test["top_share"]), "usage": _tolist(m_test["usage"]),
-                   "imbalance": usage_imbalance(m_test["usage"]),
-                   "max_gate": m_test["max_gate"],
-                   "test_curve": points}))
+        out.append(_run_result(gate, setting if label is None else str(label), seed, hist, per_epoch,
+                               m_train, m_test, seconds / len(seeds),
+                               {"losses": losses, "router": router, "gate_lr": gate_lr,
+                                "num_experts": cfg.num_experts, "test_curve": points}))
     return out
 
 
